@@ -1,0 +1,1 @@
+"""Reference agents for the demo, compose.yaml and benchmarks (not an installed package)."""

@@ -1,0 +1,83 @@
+"""Wire messages: every stream entry carries one of these, msgpack-encoded in one field.
+
+Schemas evolve by appending fields with defaults; unknown fields are ignored on decode so old
+nodes keep working during rolling upgrades. The user payload stays ``msgspec.Raw`` (already
+encoded msgpack) so routing, claiming and dead-lettering never decode user data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+MULTI_AGENT_SYNC = "multiagent:sync"
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="msg"):
+    """A message to an agent inbox or a topic."""
+
+    id: str
+    type: str = MULTI_AGENT_SYNC
+    target: str
+    sender: str | None = None
+    sender_node: str | None = None
+    session_id: str | None = None
+    user_id: str | None = None
+    created_ms: int
+    deadline_ms: int | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
+    headers: dict[str, str] = {}
+    payload: msgspec.Raw = msgspec.Raw(b"\xc0")
+
+
+class Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="reply"):
+    """The answer to a request, written to the requesting node's reply stream."""
+
+    correlation_id: str
+    sender: str
+    sender_node: str
+    created_ms: int
+    ok: bool = True
+    error_type: str | None = None
+    error: str | None = None
+    payload: msgspec.Raw = msgspec.Raw(b"\xc0")
+
+
+class NodeInfo(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="node"):
+    """What a node writes with each heartbeat."""
+
+    node_id: str
+    host: str
+    pid: int
+    agents: list[str]
+    topics: dict[str, list[str]] = {}
+    started_ms: int
+    beat_ms: int
+    concurrency: int = 0
+    version: str = ""
+
+
+class AgentEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="event"):
+    """A lifecycle event on the events stream (``type`` is one of ``AgentEventType``).
+
+    ``message_id`` is the message the agent was handling; ``stream_id`` is filled in when the
+    event is read back (it is the position to resume from) and empty when written.
+    """
+
+    id: str
+    type: str
+    agent_id: str | None = None
+    node_id: str | None = None
+    session_id: str | None = None
+    message_id: str | None = None
+    created_ms: int
+    traceparent: str | None = None
+    data: dict[str, Any] = {}
+    stream_id: str = ""
+
+
+WireMessage = Envelope | Reply | NodeInfo | AgentEvent

@@ -1,0 +1,134 @@
+"""The ledger of one consumer: the entries it holds, their batched acks and their leases.
+
+An entry stays held from delivery until its ack is confirmed (or it is dead-lettered, or lost).
+While held, its lease (the entry's idle time in the group) is renewed only if this consumer
+still owns it; acks of entries held long are checked for ownership, so a late ack after a
+takeover is refused instead of acking another consumer's work.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+
+from .config import DeliveryConfig
+from .delivery import ConsumerStats, Delivery, StreamSpec, log_ids
+from .errors import GroupMissing, TransportError
+from .registry import now_ms
+from .transport import StreamTransport
+
+log = logging.getLogger("coordinator.consumer")
+
+
+class Ledger:
+    """Held entries, batched acks and lease renewal of one consumer."""
+
+    def __init__(self, transport: StreamTransport, spec: StreamSpec, config: DeliveryConfig,
+                 stats: ConsumerStats) -> None:
+        self.spec = spec
+        self.stats = stats
+        self.held: dict[bytes, Delivery] = {}
+        self._transport = transport
+        self._config = config
+        self._plain_acks: list[Delivery] = []
+        self._checked_acks: list[Delivery] = []
+        self._ack_ready = anyio.Event()
+        # Acks of entries held longer than this are checked for ownership first.
+        self._safe_ack_ms = min(config.lease_renew_ms, config.heartbeat_ttl_ms // 2)
+
+    def queue_ack(self, delivery: Delivery) -> None:
+        """Ack ``delivery`` with the next batch (plain, or ownership-checked if held long)."""
+        if delivery.lost:
+            return
+        held_ms = now_ms() - delivery.leased_ms
+        if held_ms >= self._safe_ack_ms or self._config.dedup_window_ms:
+            self._checked_acks.append(delivery)
+        else:
+            self._plain_acks.append(delivery)
+        if not self._ack_ready.is_set():
+            self._ack_ready.set()
+
+    async def ack_loop(self) -> None:
+        """Flush queued acks whenever some are waiting, until cancelled."""
+        while True:
+            await self._ack_ready.wait()
+            self._ack_ready = anyio.Event()
+            try:
+                await self.flush_acks()
+            except TransportError as exc:
+                log.warning("ack failed (%s); retrying", exc)
+                await anyio.sleep(0.2)
+                self._ack_ready.set()
+
+    async def flush_acks(self) -> None:
+        """Ack everything queued now; refused (taken-over) entries are marked lost."""
+        spec, inflight = self.spec, self.held
+        plain, checked = self._plain_acks, self._checked_acks
+        self._plain_acks, self._checked_acks = [], []
+        refused: set[bytes] = set()
+        try:
+            if plain:
+                await self._transport.ack(spec.keys.stream, spec.group,
+                                          [d.entry.id for d in plain])
+            if checked:
+                refused = set(await self._transport.ack_checked(
+                    spec.keys.stream, spec.keys.dedup, spec.group, spec.consumer,
+                    [(d.entry.id, d.envelope.id if d.envelope else "") for d in checked],
+                    True, self._config.dedup_window_ms, now_ms()))
+                for delivery in checked:
+                    if delivery.entry.id in refused:
+                        self.stats.refused_acks += 1
+                        self.mark_lost(delivery)
+        except GroupMissing:
+            # The group vanished with its pending list: nothing is left to ack.
+            for delivery in (*plain, *checked):
+                inflight.pop(delivery.entry.id, None)
+            return
+        except BaseException:  # failed or cancelled mid-flush: keep them for the next flush
+            self._plain_acks[:0] = plain
+            self._checked_acks[:0] = checked
+            raise
+        for delivery in plain:
+            inflight.pop(delivery.entry.id, None)
+        for delivery in checked:
+            inflight.pop(delivery.entry.id, None)
+        self.stats.acked += len(plain) + len(checked) - len(refused)
+
+    async def renew_loop(self) -> None:
+        """Renew leases every ``lease_renew_ms`` until cancelled."""
+        interval_ms = self._config.lease_renew_ms
+        while True:
+            await anyio.sleep(interval_ms / 1000)
+            try:
+                # Half the interval: an entry leased just after a tick is renewed at the next
+                # one, so its idle time stays under 1.5 intervals, below claim_idle_ms.
+                await self.renew_leases(interval_ms // 2)
+            except GroupMissing:
+                pass
+            except TransportError as exc:
+                log.warning("lease renewal failed: %s", exc)
+
+    async def renew_leases(self, older_than_ms: int) -> None:
+        """Reset the idle time of held entries leased longer than ``older_than_ms`` ago."""
+        now = now_ms()
+        due = [d for d in self.held.values() if now - d.leased_ms >= older_than_ms]
+        spec = self.spec
+        for start in range(0, len(due), 500):
+            chunk = due[start:start + 500]
+            lost = set(await self._transport.renew(spec.keys.stream, spec.group, spec.consumer,
+                                                   [d.entry.id for d in chunk]))
+            for delivery in chunk:
+                if delivery.entry.id in lost:
+                    self.mark_lost(delivery)
+                else:
+                    delivery.leased_ms = now
+                    self.stats.leases_renewed += 1
+
+    def mark_lost(self, delivery: Delivery) -> None:
+        """Another consumer owns ``delivery`` now: forget it; its handler is told."""
+        delivery.lost = True
+        self.held.pop(delivery.entry.id, None)
+        self.stats.leases_lost += 1
+        log.warning("lease lost: another consumer owns this entry now",
+                    extra=log_ids(self.spec, delivery))

@@ -1,0 +1,46 @@
+"""Building and appending envelopes to streams."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from typing import Any
+
+from . import codec
+from .envelope import MULTI_AGENT_SYNC, Envelope
+from .registry import now_ms
+from .transport import StreamTransport
+
+
+# 64 random bits per process incarnation plus a counter: unique across nodes without paying
+# for a uuid4 (os.urandom) per message.
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_id_counter = itertools.count(1)
+
+
+def _reseed_ids() -> None:
+    """A forked child must not reuse its parent's prefix and counter."""
+    global _ID_PREFIX, _id_counter
+    _ID_PREFIX = uuid.uuid4().hex[:16]
+    _id_counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_reseed_ids)
+
+
+def new_message_id() -> str:
+    """A globally unique message id (random per process, then a counter)."""
+    return f"{_ID_PREFIX}{next(_id_counter):08x}"
+
+
+def make_envelope(target: str, payload: Any, *, type: str = MULTI_AGENT_SYNC,
+                  **fields: Any) -> Envelope:
+    """An envelope for ``payload`` (encoded once, here) with a fresh id and timestamp."""
+    return Envelope(id=fields.pop("id", None) or new_message_id(), type=type, target=target,
+                    created_ms=now_ms(), payload=codec.encode_payload(payload), **fields)
+
+
+async def append(transport: StreamTransport, stream: str, envelope: Envelope) -> bytes:
+    """Append one envelope to a stream; returns the stream id."""
+    return await transport.add(stream, codec.encode(envelope))
