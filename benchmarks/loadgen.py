@@ -1,0 +1,220 @@
+"""Worker roles that drive the product path and the latency runs of engine and baseline.
+
+- ``node-producer``: ``MultiAgentCoordinator.send_many`` in ``--batch`` batches (``--batch 1``:
+  ``send`` from ``--concurrency`` tasks; round robin
+  over ``--agents`` agents), or paced at ``--rate`` msg/s with a send timestamp in each payload;
+- ``reqrep-client``: ``--concurrency`` tasks calling ``MultiAgentCoordinator.request``;
+- ``engine-lat-producer`` / ``engine-lat-consumer``: ``RedisTransport.add`` one at a time and a
+  :class:`GroupConsumer` noting publish->handler latency;
+- ``baseline-lat-producer`` / ``baseline-lat-consumer``: the same with plain redis-py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import msgspec
+
+from .harness import cpu_s, emit, filler_for, make_payload
+
+
+def payload_for(opts: argparse.Namespace, filler: str, i: int) -> dict[str, Any]:
+    """The i-th payload; with ``--rate`` it carries its send time ``t``."""
+    payload = make_payload(i, filler)
+    if opts.rate:
+        payload["t"] = time.time()
+    return payload
+
+
+async def paced(rate: float, n: int, send: Callable[[int], Awaitable[object]]) -> None:
+    """Call ``send(i)`` for ``i < n`` at ``rate`` per second (catching up when late)."""
+    start = time.perf_counter()
+    for i in range(n):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await anyio.sleep(delay)
+        await send(i)
+
+
+def paced_sync(rate: float, n: int, send: Callable[[int], object]) -> None:
+    """:func:`paced` for blocking code."""
+    start = time.perf_counter()
+    for i in range(n):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        send(i)
+
+
+async def spread(n: int, tasks: int, send: Callable[[int], Awaitable[object]]) -> None:
+    """Call ``send(i)`` for every ``i < n`` from ``tasks`` concurrent tasks."""
+    async def worker(first: int) -> None:
+        for i in range(first, n, tasks):
+            await send(i)
+
+    async with anyio.create_task_group() as tg:
+        for k in range(min(tasks, n)):
+            tg.start_soon(worker, k)
+
+
+def _coordinator(opts: argparse.Namespace, role: str) -> Any:
+    from coordinator import MultiAgentCoordinator
+    from coordinator.config import CoordinatorConfig
+
+    return MultiAgentCoordinator(CoordinatorConfig.from_url(
+        opts.url, prefix=opts.prefix, node_id=f"bench-{role}-{uuid.uuid4().hex[:6]}"))
+
+
+async def node_producer(opts: argparse.Namespace) -> None:
+    """Send N messages through the facade to agents ``b0..`` (or ``--agent``)."""
+    filler = filler_for(opts.payload_bytes)
+    agents = [opts.agent] if opts.agents <= 1 else [f"b{k}" for k in range(opts.agents)]
+    async with _coordinator(opts, "producer") as coordinator:
+        async def send(i: int) -> None:
+            await coordinator.send(agents[i % len(agents)], payload_for(opts, filler, i))
+
+        async def send_batch(start: int) -> None:
+            # The facade's bulk path, as the baseline pipelines its XADDs in batches.
+            end = min(opts.messages, start + opts.batch)
+            by_agent: dict[str, list[dict[str, Any]]] = {}
+            for i in range(start, end):
+                by_agent.setdefault(agents[i % len(agents)], []).append(
+                    payload_for(opts, filler, i))
+            for agent, payloads in by_agent.items():
+                await coordinator.send_many(agent, payloads)
+
+        cpu0, t_first = cpu_s(), time.time()
+        if opts.rate:
+            await paced(opts.rate, opts.messages, send)
+        elif opts.batch > 1:
+            for start in range(0, opts.messages, opts.batch):
+                await send_batch(start)
+        else:
+            await spread(opts.messages, opts.concurrency, send)
+        emit("done", t_first=t_first, t_last=time.time(), cpu_s=cpu_s() - cpu0)
+
+
+async def reqrep_client(opts: argparse.Namespace) -> None:
+    """Round trips from ``--concurrency`` callers for ``--duration-s`` after a 0.5 s warm-up."""
+    payload = {"q": "x" * 40}
+    latencies: list[float] = []
+    async with _coordinator(opts, "caller") as coordinator:
+        await coordinator.request(opts.agent, payload, timeout=30)  # the first one is slow
+        warm_until = time.perf_counter() + 0.5
+        stop_at = warm_until + opts.duration_s
+
+        async def caller() -> None:
+            while (now := time.perf_counter()) < stop_at:
+                await coordinator.request(opts.agent, payload, timeout=30)
+                if now >= warm_until:
+                    latencies.append(time.perf_counter() - now)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(opts.concurrency):
+                tg.start_soon(caller)
+        emit("done", latencies=latencies, seconds=opts.duration_s)
+
+
+async def engine_lat_producer(opts: argparse.Namespace) -> None:
+    """``RedisTransport.add`` of one envelope at a time, paced."""
+    from coordinator import codec
+    from coordinator.config import RedisConfig
+    from coordinator.producer import make_envelope
+    from coordinator.transport import RedisTransport
+
+    filler = filler_for(opts.payload_bytes)
+    transport = await RedisTransport.connect(RedisConfig(url=opts.url))
+    try:
+        async def send(i: int) -> None:
+            await transport.add(opts.stream, codec.encode(
+                make_envelope(opts.agent, payload_for(opts, filler, i))))
+
+        await paced(opts.rate, opts.messages, send)
+        emit("done")
+    finally:
+        await transport.close()
+
+
+async def engine_lat_consumer(opts: argparse.Namespace) -> None:
+    """A default :class:`GroupConsumer` whose handler notes publish->handler latency."""
+    from coordinator import codec
+    from coordinator.config import DeliveryConfig, RedisConfig
+    from coordinator.consumer import GroupConsumer
+    from coordinator.delivery import Delivery, StreamSpec
+    from coordinator.keys import Keys
+    from coordinator.transport import RedisTransport
+
+    latencies: list[float] = []
+    enough = anyio.Event()
+
+    async def handler(delivery: Delivery) -> None:
+        assert delivery.envelope is not None
+        latencies.append(time.time() - codec.decode_payload(delivery.envelope.payload)["t"])
+        if len(latencies) >= opts.messages:
+            enough.set()
+
+    transport = await RedisTransport.connect(RedisConfig(url=opts.url))
+    spec = StreamSpec(Keys(opts.prefix).inbox(opts.agent), opts.agent, "bench-c1")
+    consumer = GroupConsumer(transport, spec, handler, DeliveryConfig())
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(consumer.run)
+            emit("ready")
+            await enough.wait()
+            consumer.stop()
+        emit("done", latencies=latencies)
+    finally:
+        await transport.close()
+
+
+def baseline_lat_producer(opts: argparse.Namespace) -> None:
+    """One XADD per message (sync redis-py), paced; same envelope bytes as the engine's."""
+    import redis
+
+    from .workers import baseline_message
+
+    encode = msgspec.msgpack.Encoder().encode
+    filler = filler_for(opts.payload_bytes)
+    client = redis.Redis.from_url(opts.url)
+    try:
+        def send(i: int) -> None:
+            data = encode(baseline_message(uuid.uuid4().hex, opts.agent,
+                                           int(time.time() * 1000),
+                                           encode(payload_for(opts, filler, i))))
+            client.xadd(opts.stream, {b"e": data})
+
+        paced_sync(opts.rate, opts.messages, send)
+        emit("done")
+    finally:
+        client.close()
+
+
+def baseline_lat_consumer(opts: argparse.Namespace) -> None:
+    """XREADGROUP COUNT 256 BLOCK, decode, note latency, one XACK per batch."""
+    import redis
+
+    decode = msgspec.msgpack.Decoder().decode
+    client = redis.Redis.from_url(opts.url)
+    latencies: list[float] = []
+    try:
+        client.xgroup_create(opts.stream, opts.agent, id="0", mkstream=True)
+        emit("ready")
+        deadline = time.monotonic() + opts.timeout_s
+        while len(latencies) < opts.messages and time.monotonic() < deadline:
+            reply = client.xreadgroup(opts.agent, "bench-c1", {opts.stream: ">"}, count=256,
+                                      block=1000)
+            if not reply:
+                continue
+            entries = reply[0][1]
+            for _, fields in entries:
+                envelope = decode(fields[b"e"])
+                latencies.append(time.time() - envelope["payload"]["t"])
+            client.xack(opts.stream, opts.agent, *[entry_id for entry_id, _ in entries])
+        emit("done", latencies=latencies)
+    finally:
+        client.close()
