@@ -207,6 +207,7 @@ ENV_SETTINGS: dict[str, tuple[str, Coerce]] = {
     "provider": ("provider", _choice(PROVIDERS)),
     "concurrency": ("delivery.concurrency", _int(1)),
     "publish_timeout": ("publish_timeout_ms", _duration(1)),
+    "publish_events": ("publish_events", _bool),
     "postgres_url": ("persistence.postgres_url", _secret),
     **_DELIVERY_KEYS,
     **_DELIVERY_MS,

@@ -137,13 +137,14 @@ def test_environment_overrides_file() -> None:
     env = {"KIKI_REDIS_URL": "redis://other:6390/1", "KIKI_REDIS_PASSWORD": "pw",
            "KIKI_PREFIX": "team", "KIKI_NODE_ID": "node-7", "KIKI_CONCURRENCY": "3",
            "KIKI_MAX_DELIVERIES": "9", "KIKI_CLAIM_IDLE": "1m", "KIKI_BACKOFF_MAX": "2s",
-           "KIKI_PROVIDER": "memory", "KIKI_NODE_ID_UNUSED": "x"}
+           "KIKI_PROVIDER": "memory", "KIKI_NODE_ID_UNUSED": "x",
+           "KIKI_PUBLISH_EVENTS": "false"}
     cfg = parse_config(BASE, environ=env)
     assert cfg.redis.url == "redis://other:6390/1" and cfg.redis.password == "pw"
     assert cfg.redis.prefix == "team" and cfg.node_id == "node-7"
     assert cfg.delivery.concurrency == 3 and cfg.delivery.max_deliveries == 9
     assert cfg.delivery.claim_idle_ms == 60_000 and cfg.delivery.backoff_max_ms == 2000
-    assert cfg.provider == "memory"
+    assert cfg.provider == "memory" and cfg.publish_events is False
 
 
 def test_empty_environment_values_are_ignored() -> None:

@@ -86,14 +86,15 @@ async def test_subscriber_that_was_down_gets_what_it_missed(
 
 async def test_ephemeral_subscriber_tails_from_now(bus: Callable[[str], EventBus]) -> None:
     seen: list[Any] = []
-    async with bus("node") as node:
-        await node.publish("news", "old")
+    async with bus("publisher") as publisher:
+        await publisher.publish("news", "old")
+        node = bus("node")
         node.subscribe("news", seen.append, durable=False)
-        await anyio.sleep(0.1)
-        await node.publish("news", "new")
-        await wait_for(lambda: seen == ["new"])
-        groups = await node.coordinator.transport.groups(node.coordinator.keys.topic("news")
-                                                          .stream)
+        async with node:  # the tail has its starting point once the listener runs
+            await publisher.publish("news", "new")
+            await wait_for(lambda: seen == ["new"])
+            groups = await node.coordinator.transport.groups(
+                node.coordinator.keys.topic("news").stream)
     assert groups == []  # leaves nothing behind
 
 
