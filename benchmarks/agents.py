@@ -6,7 +6,8 @@ Their settings come from the environment of the node process (the CLI has no age
 - ``BENCH_SLEEP_MS``: how long :func:`slow` works on one message;
 - ``BENCH_LAT_FILE`` / ``BENCH_LAT_N``: :func:`latency` writes its publish->handler latencies
   (seconds, JSON) to this file once it has seen that many messages;
-- ``BENCH_AGENTS``: how many agents ``b0 .. b{K-1}`` :func:`many` serves.
+- ``BENCH_AGENTS``: how many agents ``b0 .. b{K-1}`` :func:`many` serves;
+- ``BENCH_TRACING``: install the OpenTelemetry SDK in the node (:mod:`benchmarks.tracing`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ import anyio
 
 from coordinator import Context, Message
 from coordinator.agent import Registration
+
+from .tracing import install_from_env
+
+install_from_env()  # before the node builds its coordinator, as an application would
 
 
 async def sink(message: Message, context: Context) -> Any:

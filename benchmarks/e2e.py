@@ -4,8 +4,14 @@ Modes, interleaved in one run on one Redis (the order rotates every run):
 
 - ``engine`` / ``baseline``: :mod:`benchmarks.throughput` (GroupConsumer vs the hand-written
   redis-py loop, pipelined XADD batches);
-- ``node``: the product path, ``MultiAgentCoordinator.send`` from 64 concurrent tasks in one
-  process -> a ``coordinator node`` process serving a trivial agent (default settings);
+- ``node``: the product path, ``MultiAgentCoordinator.send_many`` in batches of 500 from one
+  process -> a ``coordinator node`` process serving a trivial agent (default settings, so
+  lifecycle events on: ``agent:started`` and ``agent:completed`` per message);
+- ``node-quiet``: the same with lifecycle events off (``KIKI_PUBLISH_EVENTS=false``), which
+  prices the events path;
+- ``node-traced``: the same as ``node`` with the OpenTelemetry SDK installed in producer and
+  node (every message traced, batch span processor to an exporter that drops everything, see
+  :mod:`benchmarks.tracing`), which prices tracing;
 - ``faststream-batch`` / ``faststream-single`` / ``taskiq``: see :mod:`benchmarks.peers`.
 
 Throughput is N over the time from the producer's first send to the moment Redis shows every
@@ -24,7 +30,11 @@ from .harness import Children, redis_cpu_s
 from .nodes import Nodes, cpu_of, delete_prefix, inbox, wait_acked, wait_groups
 from .report import available, cell, mark, spread
 
-MODES = ("engine", "baseline", "node", "faststream-batch", "faststream-single", "taskiq")
+MODES = ("engine", "baseline", "node", "node-quiet", "node-traced", "faststream-batch",
+         "faststream-single", "taskiq")
+#: Environment of the node and producer processes of each product mode.
+NODE_ENV = {"node": {}, "node-quiet": {"KIKI_PUBLISH_EVENTS": "false"},
+            "node-traced": {"BENCH_TRACING": "1"}}
 PAYLOADS = (200, 8192)
 FASTSTREAM_BATCH = 500  # max_records of the batch subscriber (its best of 100/500/1000 here)
 
@@ -48,10 +58,11 @@ def measure(url: str, mode: str, client: redis.Redis, run: int, messages: int,
     common = ["--url", url, "--prefix", prefix, "--messages", str(messages),
               "--payload-bytes", str(payload_bytes), "--agent", "bench",
               "--timeout-s", str(timeout + 30)]
+    env: dict[str, str] = NODE_ENV.get(mode, {})
     try:
         with Children() as children, Nodes(url, prefix) as nodes:
-            if mode == "node":
-                pid = nodes.start("node-1", "benchmarks.agents:sink=bench").pid
+            if mode in NODE_ENV:
+                pid = nodes.start("node-1", "benchmarks.agents:sink=bench", env=env).pid
                 pairs = [(inbox(prefix, "bench"), "bench")]
                 producer_role = "node-producer"
             else:
@@ -66,7 +77,7 @@ def measure(url: str, mode: str, client: redis.Redis, run: int, messages: int,
                 producer_role = f"{tool}-producer"
             wait_groups(client, pairs, nodes=nodes)
             cpu0, redis0 = cpu_of(pid), redis_cpu_s(client)
-            producer = children.spawn(f"{mode} producer", producer_role, *common)
+            producer = children.spawn(f"{mode} producer", producer_role, *common, env=env)
             sent = producer.expect("done", timeout)
             t_done = wait_acked(client, pairs, messages, timeout, nodes)
             cpu, redis_cpu = cpu_of(pid) - cpu0, redis_cpu_s(client) - redis0
@@ -112,6 +123,10 @@ def summarize(rows: list[dict[str, Any]], modes: tuple[str, ...]) -> dict[str, A
         med = {m: per[m]["msgs_per_s"]["median"] for m in modes}
         if "node" in med and "baseline" in med:
             per["node_vs_baseline"] = med["node"] / med["baseline"]
+        if "node" in med and "node-quiet" in med:
+            per["events_cost"] = 1 - med["node"] / med["node-quiet"]
+        if "node" in med and "node-traced" in med:
+            per["tracing_cost"] = 1 - med["node-traced"] / med["node"]
         fast = [med[m] for m in ("faststream-batch", "faststream-single") if m in med]
         if "node" in med and fast:
             per["node_vs_best_faststream"] = med["node"] / max(fast)
@@ -142,6 +157,14 @@ def markdown(result: dict[str, Any]) -> str:
         if "node_vs_best_faststream" in per:
             v = per["node_vs_best_faststream"]
             lines.append(f"node / best FastStream = {v:.2f} (target >= 2.5: {mark(v >= 2.5)})")
+        if "events_cost" in per:
+            v = per["events_cost"]
+            lines.append(f"lifecycle events cost {v:.0%} of node-quiet's throughput "
+                         f"(target <= 15%: {mark(v <= 0.15)})")
+        if "tracing_cost" in per:
+            v = per["tracing_cost"]
+            lines.append(f"tracing every message costs {v:.0%} of node's throughput "
+                         f"(target <= 25%: {mark(v <= 0.25)})")
         lines.append("")
     return "\n".join(lines)
 

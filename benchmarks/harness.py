@@ -39,10 +39,12 @@ class ChildFailed(RuntimeError):
 class Child:
     """One worker process and the JSON lines it writes."""
 
-    def __init__(self, name: str, args: Sequence[str]) -> None:
+    def __init__(self, name: str, args: Sequence[str],
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
         self.process = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.workers", *args], cwd=ROOT,
+            env={**os.environ, **(env or {})},
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -109,9 +111,9 @@ class Children:
     def __init__(self) -> None:
         self._children: list[Child] = []
 
-    def spawn(self, name: str, *args: str) -> Child:
-        """Start ``python -m benchmarks.workers *args``."""
-        child = Child(name, args)
+    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> Child:
+        """Start ``python -m benchmarks.workers *args`` (``env`` added to ours)."""
+        child = Child(name, args, env)
         self._children.append(child)
         return child
 

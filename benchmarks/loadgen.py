@@ -66,6 +66,10 @@ def _coordinator(opts: argparse.Namespace, role: str) -> Any:
     from coordinator import MultiAgentCoordinator
     from coordinator.config import CoordinatorConfig
 
+    from .tracing import install_from_env
+
+    install_from_env()
+
     return MultiAgentCoordinator(CoordinatorConfig.from_url(
         opts.url, prefix=opts.prefix, node_id=f"bench-{role}-{uuid.uuid4().hex[:6]}"))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import uuid
 from collections.abc import Awaitable, Callable
+from types import UnionType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from . import codec
@@ -180,7 +181,8 @@ class Registration:
     __slots__ = ("agent_id", "topic", "payload_type", "concurrency", "_call", "_wants_context")
 
     def __init__(self, agent_id: str, handler: HandlerFunc, *, topic: str | None = None,
-                 payload_type: type | None = None, concurrency: int | None = None) -> None:
+                 payload_type: type | UnionType | None = None,
+                 concurrency: int | None = None) -> None:
         self.agent_id = check_name("agent id", agent_id)
         self.topic = topic
         self.payload_type = payload_type

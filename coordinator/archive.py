@@ -45,13 +45,13 @@ import anyio
 import msgspec
 
 from . import codec
-from .agent import Registration
+from .agent import Message, Registration
 from .archive_store import (ArchiveStore, ArchiveUnavailable, FileArchive, encode_line,
                             open_store)
 from .config import CoordinatorConfig, PersistenceConfig
 from .envelope import AgentEvent, Envelope
 from .errors import CodecError
-from .events import EVENTS_TOPIC, AgentEventType, after_id, read_events
+from .events import EVENTS_TOPIC, AgentEventType, EventEntry, after_id, events_of, read_events
 from .keys import Keys
 from .signals import Retry
 from .transport import StreamTransport
@@ -145,27 +145,42 @@ class Archiver:
     def attach(self, coordinator: MultiAgentCoordinator) -> None:
         """Consume the events stream of ``coordinator`` as the group (starts with it)."""
 
-        async def deliver(message: Any) -> None:
-            event: AgentEvent = message.payload
-            await self.archive(msgspec.structs.replace(event, stream_id=message.stream_id))
+        async def deliver(message: Message) -> None:
+            await self.archive(*events_of(message))
 
         coordinator.add(Registration(self.group, deliver, topic=EVENTS_TOPIC,
-                                     payload_type=AgentEvent, concurrency=self._batch_size))
+                                     payload_type=EventEntry, concurrency=self._batch_size))
 
-    async def archive(self, event: AgentEvent) -> None:
-        """Store ``event`` with whatever else arrives meanwhile; returns once it is stored.
+    async def archive(self, *events: AgentEvent) -> None:
+        """Store ``events`` (those of one stream entry) with whatever else arrives meanwhile;
+        returns once they are stored.
 
         :raises Retry: the store stayed unavailable for ``hold_s``
-        :raises Exception: the store refused this event itself
+        :raises Exception: the store refused one of these events itself (the others are
+            stored all the same)
         """
-        encode_line(event)  # an event JSON cannot hold fails alone, not its batch
+        refused: Exception | None = None
+        accepted = []
+        for event in events:
+            try:
+                encode_line(event)  # an event JSON cannot hold fails alone, not its batch
+            except CodecError as exc:
+                refused = refused or exc
+                continue
+            accepted.append(event)
+        if accepted:
+            await self._join_batch(accepted)
+        if refused is not None:
+            raise refused
+
+    async def _join_batch(self, events: list[AgentEvent]) -> None:
         batch = self._open
         leader = batch is None or len(batch.events) >= self._batch_size
         if leader:
             batch = self._open = _Batch()
         assert batch is not None
-        index = len(batch.events)
-        batch.events.append(event)
+        first = len(batch.events)
+        batch.events.extend(events)
         if leader:
             try:
                 await anyio.sleep(self._linger_s)
@@ -181,8 +196,9 @@ class Archiver:
             await batch.done.wait()
         if batch.unavailable is not None:
             raise Retry(self._retry_delay_s, f"archive unavailable: {batch.unavailable}")
-        if index in batch.errors:
-            raise batch.errors[index]
+        for index in range(first, first + len(events)):
+            if index in batch.errors:
+                raise batch.errors[index]
         if not batch.written:
             raise Retry(self._retry_delay_s, "archive batch was not written")
 

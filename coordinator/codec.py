@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from types import UnionType
 from typing import Any, TypeVar
 
 import msgspec
 
-from .envelope import AgentEvent, Envelope, NodeInfo, Reply
+from .envelope import AgentEvent, Envelope, EventBatch, NodeInfo, Reply
 from .errors import CodecError
 
 T = TypeVar("T")
@@ -18,12 +19,12 @@ _encoder = msgspec.msgpack.Encoder()
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _node_decoder = msgspec.msgpack.Decoder(NodeInfo)
-_event_decoder = msgspec.msgpack.Decoder(AgentEvent)
+_event_decoder = msgspec.msgpack.Decoder(AgentEvent | EventBatch)
 _any_decoder = msgspec.msgpack.Decoder()
 _NIL = msgspec.Raw(b"\xc0")
 
 
-def encode(message: Envelope | Reply | NodeInfo | AgentEvent) -> bytes:
+def encode(message: Envelope | Reply | NodeInfo | AgentEvent | EventBatch) -> bytes:
     """Encode a wire message to msgpack bytes."""
     return _encoder.encode(message)
 
@@ -41,7 +42,8 @@ def encode_payload(payload: Any) -> msgspec.Raw:
         raise CodecError(f"payload cannot be encoded: {exc}") from exc
 
 
-def decode_payload(raw: msgspec.Raw | bytes, type: type[T] | None = None) -> T | Any:
+def decode_payload(raw: msgspec.Raw | bytes, type: type[T] | UnionType | None = None
+                   ) -> T | Any:
     """Decode a user payload, optionally validating it into ``type``.
 
     :raises CodecError: if the bytes are not msgpack or do not match ``type``
@@ -99,10 +101,10 @@ def decode_node(data: bytes) -> NodeInfo:
         raise CodecError(f"not a node record: {exc}") from exc
 
 
-def encode_event(event: AgentEvent) -> bytes:
-    """Encode a lifecycle event.
+def encode_event(event: AgentEvent | EventBatch) -> bytes:
+    """Encode a lifecycle event or a batch of them.
 
-    :raises CodecError: if its data holds types msgpack cannot carry
+    :raises CodecError: if event data holds types msgpack cannot carry
     """
     try:
         return _encoder.encode(event)
@@ -110,13 +112,14 @@ def encode_event(event: AgentEvent) -> bytes:
         raise CodecError(f"event cannot be encoded: {exc}") from exc
 
 
-def decode_event(fields: dict[bytes, bytes] | None) -> AgentEvent:
-    """Decode a lifecycle event entry.
+def decode_event(fields: dict[bytes, bytes] | None) -> AgentEvent | EventBatch:
+    """Decode an entry of the events stream: one event, or a batch of them.
 
-    :raises CodecError: if the entry is not a well-formed event
+    :raises CodecError: if the entry is neither
     """
     data = _field(fields)
     try:
-        return _event_decoder.decode(data)
+        decoded: AgentEvent | EventBatch = _event_decoder.decode(data)
+        return decoded
     except msgspec.DecodeError as exc:
         raise CodecError(f"entry is not an event: {exc}") from exc

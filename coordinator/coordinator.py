@@ -16,7 +16,7 @@ import anyio.abc
 import msgspec
 
 from . import codec
-from .agent import Agent, HandlerFunc, Registration, registration_for
+from .agent import Agent, HandlerFunc, Message, Registration, registration_for
 from .archive import archives, sync_event
 from .config import CoordinatorConfig, default_node_id
 from .consumer import GroupConsumer
@@ -24,8 +24,8 @@ from .deadletter import DeadLetters
 from .delivery import StreamSpec
 from .envelope import MULTI_AGENT_SYNC, Envelope, NodeInfo
 from .errors import BacklogFull, CoordinatorError, RemoteError, RequestTimeout, TransportError
-from .events import (EVENTS_TOPIC, AgentEvent, EventPublisher, after_id, event_envelope,
-                     matches, read_events)
+from .events import (EVENTS_TOPIC, AgentEvent, EventEntry, EventPublisher, after_id,
+                     event_envelope, events_of, matches, read_events)
 from .keys import Keys
 from .producer import make_envelope, new_message_id
 from .registry import Heartbeat, Registry, now_ms
@@ -428,12 +428,14 @@ class MultiAgentCoordinator:
         (from the oldest retained event for a new group). Raise to have an event retried."""
         wanted = None if types is None else {str(t) for t in types}
 
-        async def deliver(message: Any) -> None:
-            event: AgentEvent = message.payload
-            if wanted is None or event.type in wanted:
-                await handler(msgspec.structs.replace(event, stream_id=message.stream_id))
+        async def deliver(message: Message) -> None:
+            # One entry holds one event or a batch: a failure retries the whole entry, so
+            # events before the failing one are delivered again (at least once).
+            for event in events_of(message):
+                if wanted is None or event.type in wanted:
+                    await handler(event)
 
-        self.add(Registration(group, deliver, topic=EVENTS_TOPIC, payload_type=AgentEvent))
+        self.add(Registration(group, deliver, topic=EVENTS_TOPIC, payload_type=EventEntry))
 
     # -- inspection -------------------------------------------------------------------------
     async def agents(self) -> list[AgentStatus]:

@@ -80,4 +80,32 @@ class AgentEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", ta
     stream_id: str = ""
 
 
-WireMessage = Envelope | Reply | NodeInfo | AgentEvent
+class PackedEvent(msgspec.Struct, frozen=True, array_like=True):
+    """One event inside an :class:`EventBatch`, as a msgpack array (no field names: a node
+    writes thousands per second). ``id`` is empty for events named after their batch."""
+
+    type: str
+    agent_id: str | None
+    node_id: str | None
+    session_id: str | None
+    message_id: str | None
+    created_ms: int
+    traceparent: str | None = None
+    data: dict[str, Any] = {}
+    id: str = ""
+
+
+class EventBatch(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="events"):
+    """Several lifecycle events in one stream entry, in the order they were published.
+
+    A node appends what it published since its last write as one entry: one stream append per
+    batch instead of one per event. Readers see individual events: event ``i`` of the entry
+    ``ms-seq`` has the position ``ms-seq.i`` and, when published without an id, the id
+    ``<batch id>.<i>``.
+    """
+
+    id: str
+    events: list[PackedEvent] = []
+
+
+WireMessage = Envelope | Reply | NodeInfo | AgentEvent | EventBatch

@@ -2,9 +2,14 @@
 to one durable stream so any process can follow, replay or consume them as a group.
 
 Publishing never holds up an agent: events go through a bounded buffer to a background task
-that appends them in batches; when the buffer is full an event is dropped and counted (unless
-the publisher was built with ``block=True``). Reading is either a plain tail (``XREAD``, with
-replay from any position or time) or a durable consumer group (at least once, catches up).
+that appends what accumulated as one entry (an :class:`EventBatch`); when the buffer is full
+an event is dropped and counted (unless the publisher was built with ``block=True``). Reading
+is either a plain tail (``XREAD``, with replay from any position or time) or a durable
+consumer group (at least once, catches up).
+
+Positions: an event of a batch entry ``ms-seq`` has the position (``stream_id``) ``ms-seq.i``,
+its index in the entry; a single-event entry (as older nodes wrote) just ``ms-seq``. Reading
+resumes after any of these.
 """
 
 from __future__ import annotations
@@ -14,21 +19,25 @@ import re
 from collections.abc import AsyncIterator, Collection
 from datetime import datetime, timezone
 from enum import StrEnum
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.abc
 import msgspec
 
 from . import codec
-from .envelope import AgentEvent, Envelope
+from .envelope import AgentEvent, Envelope, EventBatch, PackedEvent
 from .errors import CodecError, ConfigError, TransportError
 from .producer import new_message_id
 from .registry import now_ms
 from .transport import StreamTransport
 from .publishing import BufferedPublisher
 
+if TYPE_CHECKING:
+    from .agent import Message
+
 __all__ = ["EVENTS_TOPIC", "AgentEvent", "AgentEventType", "EventPublisher", "after_id",
-           "event_envelope", "make_event", "matches", "read_events"]
+           "event_envelope", "events_of", "make_event", "matches", "read_events", "unpack"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +46,7 @@ log = logging.getLogger(__name__)
 EVENTS_TOPIC = "{events}"
 #: The largest sequence number of a stream id: ``ms-MAX`` is the last id of a millisecond.
 _MAX_SEQ = 18446744073709551615
-_STREAM_ID = re.compile(r"^\d+-\d+$")
+_POSITION = re.compile(r"^\d+-\d+(\.\d+)?$")
 
 
 class AgentEventType(StrEnum):
@@ -64,15 +73,22 @@ def make_event(type: str, agent_id: str | None, node_id: str | None,
                       traceparent=about.traceparent if about else None, data=data or {})
 
 
-class EventPublisher(BufferedPublisher):
-    """Appends lifecycle events to the events stream from a bounded buffer, in batches.
+#: An event as queued for the next batch: the fields of :class:`PackedEvent`, in order (a
+#: tuple costs a fraction of a Struct on the handler path, and msgpack encodes it the same).
+PackedTuple = tuple[str, str | None, str | None, str | None, str | None, int, str | None,
+                    dict[str, Any], str]
+
+
+class EventPublisher(BufferedPublisher[PackedTuple]):
+    """Appends lifecycle events to the events stream from a bounded buffer: everything
+    published since the last write goes out as one :class:`EventBatch` entry.
 
     :param stream: the events stream key (``Keys.events()``)
     :param capacity: events buffered at most; beyond that they are dropped (and counted)
     :param block: wait for buffer space instead of dropping (stalls the publishing agent)
     :param enabled: False publishes nothing (``publish_events: false``)
-    :param batch_size: events appended per pipelined round trip at most
-    :param timeout_ms: give up on one batch after this long
+    :param batch_size: events per entry at most
+    :param timeout_ms: give up on one write after this long
     """
 
     def __init__(self, stream: str, *, capacity: int = 10_000, block: bool = False,
@@ -88,41 +104,77 @@ class EventPublisher(BufferedPublisher):
         if not self.enabled:
             return False
         try:
-            data = codec.encode_event(event)
+            codec.encode_payload(event.data)  # fails alone here, not its whole batch later
         except CodecError as exc:
             log.warning("event %s dropped: %s", event.type, exc)
             self.dropped += 1
             return False
-        return self._offer(self.stream, data)
+        return self._offer((event.type, event.agent_id, event.node_id, event.session_id,
+                            event.message_id, event.created_ms, event.traceparent,
+                            event.data, event.id))
+
+    def publish_about(self, type: str, agent_id: str, node_id: str, about: Envelope,
+                      data: dict[str, Any], created_ms: int) -> bool:
+        """Queue an event about the message ``about`` without waiting (the node runtime's
+        path, once or twice per message): no event object is built, and the event is named
+        after its batch. ``data`` must hold only what msgpack carries. Never raises."""
+        if not self.enabled:
+            return False
+        return self._offer((type, agent_id, node_id, about.session_id, about.id, created_ms,
+                            about.traceparent, data, ""))
+
+    async def wait_for_space(self) -> None:
+        """With ``block=True``: return once an event would be queued; else at once."""
+        if self.block and self.enabled:
+            await self._wait_for_space()
 
     async def publish(self, event: AgentEvent) -> bool:
         """Queue ``event``; waits for buffer space only when built with ``block=True``."""
-        if self.block and self.enabled:
-            await self._wait_for_space()
+        await self.wait_for_space()
         return self.publish_nowait(event)
 
-    async def _write(self, transport: StreamTransport, by_key: dict[str, list[bytes]]) -> None:
-        batch = by_key.get(self.stream, [])
+    async def _write(self, transport: StreamTransport, batch: list[PackedTuple]) -> None:
+        data, count = self._encode(batch)
+        if not count:
+            return
         for attempt in range(3):
             try:
                 with anyio.fail_after(self._timeout_s):
-                    await transport.add_many(self.stream, batch)
+                    await transport.add(self.stream, data)
             except (TransportError, TimeoutError) as exc:
-                log.warning("writing %d events failed (attempt %d): %s", len(batch),
+                log.warning("writing %d events failed (attempt %d): %s", count,
                             attempt + 1, exc or type(exc).__name__)
                 await anyio.sleep(0.1 * 2 ** attempt)
                 continue
-            self.published += len(batch)
+            self.published += count
             return
-        self.failed += len(batch)
+        self.failed += count
+
+    def _encode(self, batch: list[PackedTuple]) -> tuple[bytes, int]:
+        """One entry for ``batch``; an event that cannot be encoded is dropped alone."""
+        events = cast("list[PackedEvent]", batch)  # encoded alike: a msgpack array each
+        try:
+            return codec.encode_event(EventBatch(id=new_message_id(), events=events)), len(batch)
+        except CodecError:
+            kept = []
+            for item in batch:
+                try:
+                    codec.encode_payload(item)
+                except CodecError as exc:
+                    log.warning("event %s dropped: %s", item[0], exc)
+                    self.dropped += 1
+                    continue
+                kept.append(item)
+            events = cast("list[PackedEvent]", kept)
+            return codec.encode_event(EventBatch(id=new_message_id(), events=events)), len(kept)
 
 
 def after_id(since: str | int | None) -> bytes | None:
     """The stream id to read *after* for ``since``; None means "from now on".
 
-    ``since`` is a stream id (``1700000000000-0``, exclusive, as ``XREAD`` takes it), ``"0"``
-    for everything, epoch milliseconds (int or digits, inclusive) or an ISO 8601 time
-    (inclusive; naive times are UTC).
+    ``since`` is a position (``1700000000000-0`` or ``1700000000000-0.3``, exclusive: an
+    event's ``stream_id`` resumes after it), ``"0"`` for everything, epoch milliseconds (int
+    or digits, inclusive) or an ISO 8601 time (inclusive; naive times are UTC).
 
     :raises ConfigError: when ``since`` is none of those
     """
@@ -133,15 +185,15 @@ def after_id(since: str | int | None) -> bytes | None:
     text = since.strip()
     if text in ("0", "0-0", "-"):
         return b"0-0"
-    if _STREAM_ID.match(text):
+    if _POSITION.match(text):
         return text.encode()
     if text.isdigit():
         return _before_ms(int(text))
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise ConfigError(f"since {since!r}: expected a stream id, '0', epoch milliseconds or "
-                          "an ISO 8601 time") from None
+        raise ConfigError(f"since {since!r}: expected a stream id (as an event's stream_id), "
+                          "'0', epoch milliseconds or an ISO 8601 time") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return _before_ms(int(moment.timestamp() * 1000))
@@ -159,16 +211,47 @@ def matches(event: AgentEvent, types: Collection[str] | None, agent_id: str | No
             and (session_id is None or event.session_id == session_id))
 
 
+def unpack(entry_id: str, decoded: AgentEvent | EventBatch) -> list[AgentEvent]:
+    """The events of one events-stream entry, each with its position (``stream_id``)."""
+    if isinstance(decoded, AgentEvent):
+        return [msgspec.structs.replace(decoded, stream_id=entry_id)]
+    batch_id = decoded.id
+    return [AgentEvent(id=p.id or f"{batch_id}.{i}", type=p.type, agent_id=p.agent_id,
+                       node_id=p.node_id, session_id=p.session_id, message_id=p.message_id,
+                       created_ms=p.created_ms, traceparent=p.traceparent, data=p.data,
+                       stream_id=f"{entry_id}.{i}")
+            for i, p in enumerate(decoded.events)]
+
+
+def _resume_point(after: bytes) -> tuple[bytes, bytes | None, int]:
+    """For a position: the id to ``XREAD`` after, and the entry (with the index of the last
+    event seen in it) to resume inside, if the position is inside an entry."""
+    entry, dot, index = after.partition(b".")
+    if not dot:
+        return after, None, -1
+    ms_text, _, seq_text = entry.partition(b"-")
+    ms, seq = int(ms_text), int(seq_text)
+    if seq > 0:
+        previous = b"%d-%d" % (ms, seq - 1)
+    else:
+        previous = b"%d-%d" % (ms - 1, _MAX_SEQ) if ms > 0 else b"0-0"
+    return previous, entry, int(index)
+
+
 async def read_events(transport: StreamTransport, stream: str, *, after: bytes | None,
                       follow: bool, block_ms: int = 1_000, count: int = 500
                       ) -> AsyncIterator[AgentEvent]:
-    """Events of ``stream`` after the id ``after`` (None: only new ones), each with its
+    """Events of ``stream`` after the position ``after`` (None: only new ones), each with its
     ``stream_id``; without ``follow`` it ends at the current end of the stream."""
+    inside: bytes | None = None
+    seen = -1
     if after is None:
         last = await transport.range(stream, b"-", b"+", count=1, reverse=True)
         after = last[0].id if last else b"0-0"
         if not follow:
             return
+    else:
+        after, inside, seen = _resume_point(after)
     while True:
         entries = await transport.read(stream, after, count, block_ms if follow else None)
         if not entries and not follow:
@@ -176,21 +259,41 @@ async def read_events(transport: StreamTransport, stream: str, *, after: bytes |
         for entry in entries:
             after = entry.id
             try:
-                event = codec.decode_event(entry.fields)
+                decoded = codec.decode_event(entry.fields)
             except CodecError as exc:
                 log.warning("skipping event entry %s: %s", entry.id.decode(), exc)
                 continue
-            yield msgspec.structs.replace(event, stream_id=entry.id.decode())
+            events = unpack(entry.id.decode(), decoded)
+            if entry.id == inside:
+                events = events[seen + 1:]
+            for event in events:
+                yield event
 
 
 def event_envelope(fields: dict[bytes, bytes] | None) -> Envelope:
-    """Decode an event entry for a group consumer: an envelope whose payload is the event.
+    """Decode an event entry for a group consumer: an envelope whose payload is the entry's
+    event or batch (:func:`events_of` gives the events of a delivered one).
 
     :raises CodecError: if the entry is not a well-formed event (it is dead-lettered)
     """
-    event = codec.decode_event(fields)
+    decoded = codec.decode_event(fields)
     assert fields is not None
-    return Envelope(id=event.id, type=event.type, target="events", sender=event.agent_id,
-                    sender_node=event.node_id, session_id=event.session_id,
-                    created_ms=event.created_ms, traceparent=event.traceparent,
-                    payload=msgspec.Raw(fields[codec.FIELD]))
+    payload = msgspec.Raw(fields[codec.FIELD])
+    if isinstance(decoded, EventBatch):
+        first: PackedEvent | None = decoded.events[0] if decoded.events else None
+        return Envelope(id=decoded.id, type="events", target="events",
+                        sender_node=first.node_id if first else None,
+                        created_ms=first.created_ms if first else now_ms(), payload=payload)
+    return Envelope(id=decoded.id, type=decoded.type, target="events", sender=decoded.agent_id,
+                    sender_node=decoded.node_id, session_id=decoded.session_id,
+                    created_ms=decoded.created_ms, traceparent=decoded.traceparent,
+                    payload=payload)
+
+
+#: The payload type of a durable event group's messages.
+EventEntry = AgentEvent | EventBatch
+
+
+def events_of(message: Message) -> list[AgentEvent]:
+    """The events a message of a durable event group carries (one entry: one or many)."""
+    return unpack(message.stream_id, cast(EventEntry, message.payload))

@@ -1,29 +1,32 @@
-"""Publishers backed by a bounded buffer of stream appends written in batches by one task.
+"""Publishers backed by a bounded buffer of items written in batches by one task.
 
 Publishing lifecycle events and tokens sits on every handler's path, so it must never block or
-fail the agent's work: appends are queued (a deque and one wake-up event, not a memory object
+fail the agent's work: items are queued (a deque and one wake-up event, not a memory object
 stream, which costs allocations and a loop pass per item) and dropped, counted, when the
-buffer is full or closed. Each publisher decides how a batch is written.
+buffer is full or closed. Each publisher decides what an item is and how a batch is written.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
+from typing import Generic, TypeVar
 
 import anyio
 import anyio.abc
 
 from .transport import StreamTransport
 
+Item = TypeVar("Item")
 
-class BufferedPublisher(ABC):
-    """Queued appends, drained in batches by :meth:`run`; subclasses say how a batch is
+
+class BufferedPublisher(ABC, Generic[Item]):
+    """Queued items, drained in batches by :meth:`run`; subclasses say how a batch is
     written (:meth:`_write`, which counts ``published`` and ``failed``) and what they queue.
 
     :param enabled: False publishes nothing
-    :param capacity: appends queued at most; beyond that :meth:`_offer` drops
-    :param batch_size: appends handed to :meth:`_write` at once at most
+    :param capacity: items queued at most; beyond that :meth:`_offer` drops
+    :param batch_size: items handed to :meth:`_write` at once at most
     :param timeout_ms: give up on one write after this long
     """
 
@@ -36,7 +39,7 @@ class BufferedPublisher(ABC):
         self._timeout_s = timeout_ms / 1000
         self._capacity = capacity
         self._batch_size = batch_size
-        self._buffer: deque[tuple[str, bytes]] = deque()
+        self._buffer: deque[Item] = deque()
         self._wanted = anyio.Event()
         self._space = anyio.Event()
         self._closed = False
@@ -45,27 +48,27 @@ class BufferedPublisher(ABC):
 
     @property
     def buffered(self) -> int:
-        """Appends waiting to be written."""
+        """Items waiting to be written."""
         return len(self._buffer)
 
-    def _offer(self, key: str, data: bytes) -> bool:
-        """Queue one append; False (and counted as dropped) when full or closed."""
+    def _offer(self, item: Item) -> bool:
+        """Queue one item; False (and counted as dropped) when full or closed."""
         if self._closed or len(self._buffer) >= self._capacity:
             self.dropped += 1
             return False
-        self._buffer.append((key, data))
+        self._buffer.append(item)
         if not self._wanted.is_set():
             self._wanted.set()
         return True
 
     async def _wait_for_space(self) -> None:
-        """Return once an append would be accepted (or the buffer is closed)."""
+        """Return once an item would be accepted (or the buffer is closed)."""
         while len(self._buffer) >= self._capacity and not self._closed:
             await self._space.wait()
 
     async def run(self, transport: StreamTransport, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Write queued appends until :meth:`close` (then drain) or cancellation."""
+        """Write queued items until :meth:`close` (then drain) or cancellation."""
         self._running = True
         task_status.started()
         buffer = self._buffer
@@ -77,19 +80,16 @@ class BufferedPublisher(ABC):
                     await self._wanted.wait()
                     self._wanted = anyio.Event()
                     continue
-                by_key: dict[str, list[bytes]] = {}
-                for _ in range(min(len(buffer), self._batch_size)):
-                    key, data = buffer.popleft()
-                    by_key.setdefault(key, []).append(data)
+                batch = [buffer.popleft() for _ in range(min(len(buffer), self._batch_size))]
                 self._space.set()
                 self._space = anyio.Event()
-                await self._write(transport, by_key)
+                await self._write(transport, batch)
         finally:
             self._done.set()
 
     @abstractmethod
-    async def _write(self, transport: StreamTransport, by_key: dict[str, list[bytes]]) -> None:
-        """Write one batch, grouped by stream key; count ``published`` and ``failed``."""
+    async def _write(self, transport: StreamTransport, batch: list[Item]) -> None:
+        """Write one batch, oldest first; count ``published`` and ``failed``."""
 
     async def close(self, timeout_s: float | None = None) -> None:
         """Accept nothing more and wait (up to ``timeout_s``, default the write timeout)

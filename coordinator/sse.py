@@ -7,14 +7,14 @@ imports this module.
 the session and then new ones as they happen, each as an SSE message::
 
     event: lifecycle
-    id: 1700000000000-3
+    id: 1700000000000-3.1
     data: {"id": "...", "type": "agent:completed", "agent_id": "writer", ...}
 
 With ``?tokens=1`` the session's streamed model tokens come interleaved (``event: token``,
 ``data: {"text": ..., "agent_id": ..., "run_id": ..., "stream_id": ...}``). The two live in
 different Redis streams, so the SSE id then carries both cursors::
 
-    id: <events stream id>|t:<tokens stream id>      e.g. 1700000000000-3|t:1700000000412-0
+    id: <events position>|t:<tokens stream id>      e.g. 1700000000000-3.1|t:1700000000412-0
 
 Each part is the id of the last item of that stream sent so far (``0-0`` before the first).
 A client that reconnects with ``Last-Event-ID`` (EventSource does so by itself) resumes each
@@ -57,6 +57,7 @@ __all__ = ["create_app", "format_cursor", "parse_cursor", "run_server"]
 log = logging.getLogger(__name__)
 
 _STREAM_ID = re.compile(r"^\d+-\d+$")
+_EVENTS_POSITION = re.compile(r"^\d+-\d+(\.\d+)?$")  # an event inside a batch entry: .i
 _TOKENS_PREFIX = "t:"
 
 
@@ -77,7 +78,7 @@ def parse_cursor(last_event_id: str) -> Cursor:
     for part in last_event_id.strip().split("|"):
         if part.startswith(_TOKENS_PREFIX) and _STREAM_ID.match(part[len(_TOKENS_PREFIX):]):
             tokens = part[len(_TOKENS_PREFIX):].encode()
-        elif _STREAM_ID.match(part) and events is None:
+        elif _EVENTS_POSITION.match(part) and events is None:
             events = part.encode()
         else:
             raise ConfigError(f"Last-Event-ID {last_event_id!r}: expected '<stream id>' or "

@@ -68,7 +68,7 @@ def decode_token(fields: dict[bytes, bytes] | None) -> Token:
     return _decoder.decode(fields[b"e"])
 
 
-class TokenPublisher(BufferedPublisher):
+class TokenPublisher(BufferedPublisher[tuple[str, bytes]]):
     """Appends tokens to their session's capped stream from a bounded buffer, in batches.
 
     :param key: builds a session's stream key (``Keys.tokens``)
@@ -103,9 +103,12 @@ class TokenPublisher(BufferedPublisher):
             log.warning("token dropped: %s", exc)
             self.dropped += 1
             return False
-        return self._offer(key, data)
+        return self._offer((key, data))
 
-    async def _write(self, transport: StreamTransport, by_key: dict[str, list[bytes]]) -> None:
+    async def _write(self, transport: StreamTransport, batch: list[tuple[str, bytes]]) -> None:
+        by_key: dict[str, list[bytes]] = {}
+        for key, data in batch:
+            by_key.setdefault(key, []).append(data)
         for key, datas in by_key.items():
             try:
                 with anyio.fail_after(self._timeout_s):
@@ -157,11 +160,12 @@ async def read_tokens(transport: StreamTransport, stream: str, *, after: bytes |
             yield msgspec.structs.replace(token, stream_id=entry.id.decode())
 
 
-def stream_id_key(stream_id: str) -> tuple[int, int]:
-    """A stream id as a sortable pair (ids of different streams on one server interleave by
-    time this way)."""
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
+def stream_id_key(stream_id: str) -> tuple[int, int, int]:
+    """A position (``ms-seq`` or ``ms-seq.i``) as a sortable triple (positions of different
+    streams on one server interleave by time this way)."""
+    entry, _, index = stream_id.partition(".")
+    ms, _, seq = entry.partition("-")
+    return int(ms), int(seq or 0), int(index or 0)
 
 
 class SessionItem(NamedTuple):

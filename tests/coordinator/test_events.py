@@ -10,11 +10,12 @@ from typing import Any
 import anyio
 import pytest
 
-from coordinator import AgentEvent, AgentEventType, Reject
+from coordinator import AgentEvent, AgentEventType, Reject, codec
 from coordinator.agent import Context, Message
 from coordinator.config import CoordinatorConfig, DeliveryConfig
 from coordinator.coordinator import MultiAgentCoordinator
 from coordinator.events import EventPublisher, after_id, make_event
+from coordinator.producer import make_envelope
 from coordinator.transport import MemoryTransport
 
 pytestmark = pytest.mark.anyio
@@ -239,6 +240,9 @@ class StalledEvents:
         result: list[bytes] = await self._inner.add_many(stream, datas)
         return result
 
+    async def add(self, stream: str, data: bytes) -> bytes:
+        return (await self.add_many(stream, [data]))[0]
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
@@ -290,6 +294,7 @@ def test_since_conversion() -> None:
     assert after_id(None) is None
     assert after_id("0") == b"0-0"
     assert after_id("1700000000000-5") == b"1700000000000-5"
+    assert after_id("1700000000000-5.3") == b"1700000000000-5.3"  # inside a batch entry
     assert after_id("1700000000000") == b"1699999999999-18446744073709551615"
     assert after_id(1700000000000) == after_id("1700000000000")
     assert after_id("2023-11-14T22:13:20Z") == after_id(1700000000000)
@@ -326,3 +331,93 @@ async def test_events_command(real_server: Any, prefix: str) -> None:
     assert len(table) == 2 and all("agent:completed" in line for line in table)
     assert len(run("--follow", "--since", "0", "--limit", "3").splitlines()) == 3
     assert run("--since", lines[-1]["stream_id"], "--session", "s1") == ""
+
+
+async def write_batches(coordinator: MultiAgentCoordinator, sizes: Sequence[int]
+                        ) -> list[AgentEvent]:
+    """Append one entry per size (batches, as a node writes them), then an entry of one bare
+    event (as older nodes wrote); returns the events in publishing order."""
+    stream = coordinator.keys.events()
+    publisher = EventPublisher(stream)
+    published: list[AgentEvent] = []
+    for size in sizes:
+        batch = [make_event(STARTED, "a", "n1", None, {"i": len(published) + i})
+                 for i in range(size)]
+        for event in batch:
+            assert publisher.publish_nowait(event)
+        await publisher._write(coordinator.transport, list(publisher._buffer))
+        publisher._buffer.clear()
+        published += batch
+    legacy = make_event(COMPLETED, "a", "n0", None, {"i": len(published)})
+    await coordinator.transport.add(stream, codec.encode_event(legacy))
+    return published + [legacy]
+
+
+async def test_batch_entries_read_as_single_events_with_positions(node: Factory) -> None:
+    async with node("reader") as coordinator:
+        published = await write_batches(coordinator, [3, 1, 4])
+        read = [e async for e in coordinator.events(since="0", follow=False)]
+        assert [e.data["i"] for e in read] == list(range(9))
+        assert [e.id for e in read] == [e.id for e in published]  # ids given at publish stay
+        positions = [e.stream_id for e in read]
+        entries = [p.partition(".")[0] for p in positions]
+        assert len(set(entries)) == 4  # three batches and the bare event
+        assert [p.partition(".")[2] for p in positions] == ["0", "1", "2", "0", "0", "1", "2",
+                                                            "3", ""]
+        for k, position in enumerate(positions):  # resume anywhere: no gap, no repeat
+            rest = [e async for e in coordinator.events(since=position, follow=False)]
+            assert [e.data["i"] for e in rest] == list(range(k + 1, 9)), position
+
+
+async def test_events_named_after_their_batch_are_stable(node: Factory) -> None:
+    async with node("worker") as coordinator:
+        async def echo(message: Message) -> None:
+            pass
+
+        coordinator.register("echo", echo)
+        await coordinator.send("echo", 1)
+        first = await collect(coordinator, lambda es: any(e.type == COMPLETED for e in es))
+        again = [e async for e in coordinator.events(since="0", follow=False)]
+    assert [e.id for e in first] == [e.id for e in again]  # what the archive dedups by
+    assert len({e.id for e in again}) == len(again) == 2
+
+
+async def test_durable_subscriber_gets_every_event_of_a_batch_at_least_once(
+        node: Factory) -> None:
+    seen: list[int] = []
+    failed = False
+
+    async def audit(event: AgentEvent) -> None:
+        nonlocal failed
+        if event.data["i"] == 4 and not failed:
+            failed = True
+            raise RuntimeError("flaky auditor")
+        seen.append(event.data["i"])
+
+    async with node("writer") as writer:
+        await write_batches(writer, [3, 4])
+        async with node("auditor") as auditor:
+            auditor.subscribe_events("audit", audit)
+            with anyio.fail_after(10):
+                while set(seen) != set(range(8)):
+                    await anyio.sleep(0.02)
+    assert failed and sorted(set(seen)) == list(range(8))
+    assert seen.count(3) == 2  # the failing entry was delivered again, from its start
+    assert all(seen.count(i) == 1 for i in (0, 1, 2, 5, 6, 7))
+
+
+async def test_an_event_msgpack_cannot_carry_is_dropped_alone(node: Factory) -> None:
+    async with node("n1") as coordinator:
+        publisher = EventPublisher(coordinator.keys.events())
+        good = make_event(STARTED, "a", "n1", None, {"i": 0})
+        assert publisher.publish_nowait(good)
+        assert not publisher.publish_nowait(make_event(STARTED, "a", "n1", None,
+                                                       {"bad": object()}))
+        # Data that turns bad after it was queued fails at write time, still alone.
+        late: dict[str, Any] = {"i": 1}
+        assert publisher.publish_about(STARTED, "a", "n1", make_envelope("a", None), late, 1)
+        late["bad"] = object()
+        await publisher._write(coordinator.transport, list(publisher._buffer))
+        read = [e async for e in coordinator.events(since="0", follow=False)]
+    assert [e.id for e in read] == [good.id] and publisher.dropped == 2
+    assert publisher.published == 1

@@ -23,6 +23,7 @@ from coordinator.agent import Context, Message  # noqa: E402
 from coordinator.config import CoordinatorConfig, DeliveryConfig  # noqa: E402
 from coordinator.coordinator import MultiAgentCoordinator  # noqa: E402
 from coordinator.sse import create_app, parse_cursor  # noqa: E402
+from coordinator.tokens import stream_id_key  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -85,11 +86,6 @@ async def read_sse(client: httpx.AsyncClient, url: str, n: int,
     return found
 
 
-def id_key(stream_id: str) -> tuple[int, int]:
-    ms, seq = stream_id.split("-")
-    return int(ms), int(seq)
-
-
 async def test_events_resume_after_disconnect_exactly_once(real_server: Any,
                                                            prefix: str) -> None:
     async def worker(message: Message) -> str:
@@ -120,9 +116,9 @@ async def test_events_resume_after_disconnect_exactly_once(real_server: Any,
     assert [data["id"] for _, _, data in received] == [e.id for e in stored]  # no gap/repeat
     for (name, sse_id, data), event in zip(received, stored):
         assert name == "lifecycle" and data["session_id"] == "s1"
-        assert sse_id == data["stream_id"] == event.stream_id  # the Redis stream id
+        assert sse_id == data["stream_id"] == event.stream_id  # its position in the stream
     ids = [sse_id for _, sse_id, _ in received]
-    assert ids == sorted(ids, key=id_key) and len(set(ids)) == len(ids)
+    assert ids == sorted(ids, key=stream_id_key) and len(set(ids)) == len(ids)
 
 
 async def test_tokens_resume_with_both_cursors(real_server: Any, prefix: str) -> None:
@@ -146,7 +142,7 @@ async def test_tokens_resume_with_both_cursors(real_server: Any, prefix: str) ->
                                                       follow=False)]
     received = first + second
     for _, sse_id, _ in received:
-        assert sse_id and re.fullmatch(r"\d+-\d+\|t:\d+-\d+", sse_id)
+        assert sse_id and re.fullmatch(r"\d+-\d+(\.\d+)?\|t:\d+-\d+", sse_id)
         parse_cursor(sse_id)
     events = [data for name, _, data in received if name == "lifecycle"]
     tokens = [data for name, _, data in received if name == "token"]
