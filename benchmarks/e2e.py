@@ -9,9 +9,11 @@ Modes, interleaved in one run on one Redis (the order rotates every run):
   lifecycle events on: ``agent:started`` and ``agent:completed`` per message);
 - ``node-quiet``: the same with lifecycle events off (``KIKI_PUBLISH_EVENTS=false``), which
   prices the events path;
-- ``node-traced``: the same as ``node`` with the OpenTelemetry SDK installed in producer and
-  node (every message traced, batch span processor to an exporter that drops everything, see
-  :mod:`benchmarks.tracing`), which prices tracing;
+- ``node-traced``: the same as ``node`` with the OpenTelemetry SDK's tracer provider in
+  producer and node (every message traced, batch span processor to an exporter that drops
+  everything, see :mod:`benchmarks.tracing`), which prices tracing;
+- ``node-traced-10``: the same with 10% of traces sampled (parent-based, so a trace is
+  recorded on both sides or on neither);
 - ``faststream-batch`` / ``faststream-single`` / ``taskiq``: see :mod:`benchmarks.peers`.
 
 Throughput is N over the time from the producer's first send to the moment Redis shows every
@@ -30,11 +32,11 @@ from .harness import Children, redis_cpu_s
 from .nodes import Nodes, cpu_of, delete_prefix, inbox, wait_acked, wait_groups
 from .report import available, cell, mark, spread
 
-MODES = ("engine", "baseline", "node", "node-quiet", "node-traced", "faststream-batch",
-         "faststream-single", "taskiq")
+MODES = ("engine", "baseline", "node", "node-quiet", "node-traced", "node-traced-10",
+         "faststream-batch", "faststream-single", "taskiq")
 #: Environment of the node and producer processes of each product mode.
 NODE_ENV = {"node": {}, "node-quiet": {"KIKI_PUBLISH_EVENTS": "false"},
-            "node-traced": {"BENCH_TRACING": "1"}}
+            "node-traced": {"BENCH_TRACING": "1"}, "node-traced-10": {"BENCH_TRACING": "0.1"}}
 PAYLOADS = (200, 8192)
 FASTSTREAM_BATCH = 500  # max_records of the batch subscriber (its best of 100/500/1000 here)
 
@@ -127,6 +129,8 @@ def summarize(rows: list[dict[str, Any]], modes: tuple[str, ...]) -> dict[str, A
             per["events_cost"] = 1 - med["node"] / med["node-quiet"]
         if "node" in med and "node-traced" in med:
             per["tracing_cost"] = 1 - med["node-traced"] / med["node"]
+        if "node" in med and "node-traced-10" in med:
+            per["tracing_10_cost"] = 1 - med["node-traced-10"] / med["node"]
         fast = [med[m] for m in ("faststream-batch", "faststream-single") if m in med]
         if "node" in med and fast:
             per["node_vs_best_faststream"] = med["node"] / max(fast)
@@ -165,6 +169,10 @@ def markdown(result: dict[str, Any]) -> str:
             v = per["tracing_cost"]
             lines.append(f"tracing every message costs {v:.0%} of node's throughput "
                          f"(target <= 25%: {mark(v <= 0.25)})")
+        if "tracing_10_cost" in per:
+            v = per["tracing_10_cost"]
+            lines.append(f"tracing with 10% of traces sampled costs {v:.0%} of node's "
+                         f"throughput (target <= 25%: {mark(v <= 0.25)})")
         lines.append("")
     return "\n".join(lines)
 

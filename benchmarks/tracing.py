@@ -1,11 +1,11 @@
 """Tracing switched on for a benchmark process, the way an application would do it.
 
 ``BENCH_TRACING=RATIO`` (0 < RATIO <= 1) in a process's environment installs the SDK's
-tracer provider as the global one (parent-based sampling of that share of new traces) with a
-``BatchSpanProcessor`` feeding an exporter that drops everything, plus an SDK meter provider
-with an in-memory reader. So the measured cost is what the library and the SDK spend per
-message, never an exporter's network I/O. Node processes do this when the benchmark agent
-module is imported, producers when they start.
+tracer provider as the global one (parent-based sampling of that share of new traces, the
+SDK's default sampler at 1) with a ``BatchSpanProcessor`` feeding an exporter that drops
+everything. So the measured cost is what the library and the SDK spend per message, never an
+exporter's network I/O. Node processes do this when the benchmark agent module is imported,
+producers when they start. Metrics stay on the API's no-op provider: they are not tracing.
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ def install_from_env() -> bool:
     ratio = float(os.environ.get(ENV, "0") or 0)
     if ratio <= 0:
         return False
-    from opentelemetry import metrics, trace
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import (BatchSpanProcessor, SpanExporter,
                                                 SpanExportResult)
@@ -37,5 +35,4 @@ def install_from_env() -> bool:
     provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(min(ratio, 1.0))))
     provider.add_span_processor(BatchSpanProcessor(Drop()))
     trace.set_tracer_provider(provider)
-    metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
     return True

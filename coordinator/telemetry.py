@@ -100,12 +100,17 @@ class Telemetry:
     :param tracer_provider: where spans go (default: the API's global provider)
     :param meter_provider: where metrics go (default: the API's global provider)
     :param sample_interval_s: how often backlog, pending and oldest pending age are read
+    :param trust_parent_sampling: a message whose trace context says "not sampled" is
+        handled under that context without a CONSUMER span of its own, as parent-based
+        sampling (the SDK's default sampler) decides anyway; False asks the sampler for every
+        message (for a sampler that may record children of unsampled parents)
     """
 
     def __init__(self, tracer_provider: TracerProvider | None = None,
                  meter_provider: MeterProvider | None = None, *, node_id: str,
-                 sample_interval_s: float = 10.0) -> None:
+                 sample_interval_s: float = 10.0, trust_parent_sampling: bool = True) -> None:
         self.node_id = node_id
+        self.trust_parent_sampling = trust_parent_sampling
         self._sample_interval_s = sample_interval_s
         self._explicit_meter = meter_provider is not None
         self._source: Watched | None = None
@@ -232,11 +237,16 @@ class Telemetry:
         return Processing(self, delivery, agent_id, topic)
 
     def _context_of(self, envelope: Envelope) -> object:
-        # Without trace context: a root span, not a child of whatever runs here.
+        """The sender's trace context of ``envelope`` (an empty context without one)."""
+        return self._parent_of(envelope)[0]
+
+    def _parent_of(self, envelope: Envelope) -> tuple[object, bool | None]:
+        """The sender's trace context of ``envelope`` and whether its trace is sampled
+        (None without a valid one: the handler span is then a root span)."""
         empty = otel_context.Context()
         traceparent = envelope.traceparent
         if not traceparent:
-            return empty
+            return empty, None
         parts = traceparent.split("-")
         if (len(parts) != 4 or parts[0] != "00" or len(parts[1]) != 32
                 or len(parts[2]) != 16 or len(parts[3]) != 2):
@@ -244,7 +254,9 @@ class Telemetry:
             carrier = {"traceparent": traceparent}
             if envelope.tracestate:
                 carrier["tracestate"] = envelope.tracestate
-            return self._propagator.extract(carrier, context=empty)
+            extracted = self._propagator.extract(carrier, context=empty)
+            found = otel_trace.get_current_span(extracted).get_span_context()
+            return extracted, found.trace_flags.sampled if found.is_valid else None
         try:
             span_context = otel_trace.SpanContext(
                 int(parts[1], 16), int(parts[2], 16), is_remote=True,
@@ -252,10 +264,11 @@ class Telemetry:
                 trace_state=otel_trace.TraceState.from_header([envelope.tracestate])
                 if envelope.tracestate else None)
         except ValueError:
-            return empty
+            return empty, None
         if not span_context.is_valid:
-            return empty
-        return otel_trace.set_span_in_context(otel_trace.NonRecordingSpan(span_context), empty)
+            return empty, None
+        return (otel_trace.set_span_in_context(otel_trace.NonRecordingSpan(span_context), empty),
+                span_context.trace_flags.sampled)
 
     def _remember_attempt(self, message_id: str, span_context: object) -> None:
         attempts = self._attempts

@@ -50,7 +50,15 @@ class Processing:
         destination = self._topic or self._agent_id
         telemetry._latency.record(max(0, now_ms() - envelope.created_ms) / 1000,
                                   telemetry._attributes(destination, self._agent_id))
-        parent = telemetry._context_of(envelope)
+        parent, sampled = telemetry._parent_of(envelope)
+        self._started = time.perf_counter()
+        if sampled is False and telemetry.trust_parent_sampling:
+            # The trace was not sampled where it began, and parent-based sampling (the SDK
+            # default) would only build a non-recording span here: handle the message under
+            # the sender's context instead, so the handler's spans and the messages it sends
+            # stay in that trace, at a fraction of the cost.
+            self._token = otel_context.attach(parent)  # type: ignore[arg-type]
+            return self
         attributes: dict[str, str | int] = {
             "messaging.system": "redis", "messaging.operation.type": "process",
             "messaging.destination.name": destination,
@@ -67,7 +75,6 @@ class Processing:
             kind=otel_trace.SpanKind.CONSUMER, attributes=attributes,
             links=self._retry_links(parent) if delivery.deliveries > 1 else None)
         self._token = otel_context.attach(otel_trace.set_span_in_context(span))
-        self._started = time.perf_counter()
         return self
 
     def _retry_links(self, parent: object) -> list[otel_trace.Link]:
@@ -110,15 +117,17 @@ class Processing:
             self._telemetry._remember_attempt(envelope.id, span.get_span_context())
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        span = self.span
-        if span is None:
-            return
+        if self._token is None:
+            return  # telemetry was not active
         telemetry = self._telemetry
         duration = time.perf_counter() - self._started
-        if exc is not None and self._outcome == "ok":  # cancelled, or not noted by failed()
-            span.set_status(otel_trace.Status(otel_trace.StatusCode.ERROR,
-                                              type(exc).__name__))
         otel_context.detach(self._token)  # type: ignore[arg-type]
-        span.end()
+        span = self.span
+        if span is not None:
+            if exc is not None and self._outcome == "ok":  # cancelled, or not noted by failed()
+                span.set_status(otel_trace.Status(otel_trace.StatusCode.ERROR,
+                                                  type(exc).__name__))
+            span.end()
         telemetry._duration.record(duration, telemetry._attributes(
             self._topic or self._agent_id, self._agent_id, self._outcome))
+

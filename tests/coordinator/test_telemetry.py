@@ -146,6 +146,42 @@ async def test_producer_and_consumer_spans_form_one_trace(
 
 @pytest.mark.anyio
 @pytest.mark.real_redis
+async def test_an_unsampled_trace_is_followed_without_recording(
+        real_server: Any, prefix: str, otel: Otel) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+    # The sender samples nothing; the handling node records only what a parent asks for.
+    quiet = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+    sender = MultiAgentCoordinator(_config(real_server.url, prefix, "node-a"),
+                                   tracer_provider=quiet)
+    node = MultiAgentCoordinator(_config(real_server.url, prefix, "node-b"),
+                                 tracer_provider=otel.tracer_provider)
+    inner = otel.tracer_provider.get_tracer("agent-code")
+    seen: dict[str, Any] = {}
+
+    async def first(message: Message, context: Any) -> None:
+        with inner.start_as_current_span("graph run") as span:
+            seen["graph"] = span.get_span_context()
+        await context.send("second", "next")
+
+    async def second(message: Message) -> None:
+        seen["second"] = message.envelope.traceparent
+
+    async with sender, node:
+        node.register("first", first)
+        node.register("second", second)
+        await sender.send("first", "go")
+        await _until(lambda: "second" in seen)
+    traceparent = seen["second"]
+    graph = seen["graph"]
+    assert not graph.trace_flags.sampled and graph.is_valid
+    assert traceparent.split("-")[1] == f"{graph.trace_id:032x}"  # still one trace
+    assert int(traceparent.split("-")[3], 16) & 1 == 0  # and still not sampled downstream
+    assert otel.finished() == []  # nothing recorded on the way
+
+
+@pytest.mark.anyio
+@pytest.mark.real_redis
 async def test_request_chain_and_broadcast_stay_in_the_trace(
         pair: tuple[MultiAgentCoordinator, MultiAgentCoordinator], otel: Otel) -> None:
     a, b = pair
