@@ -35,6 +35,9 @@ class AgentServer:
         self._registration = registration
         self._max_deliveries = max_deliveries
         self._publisher = coordinator.event_publisher
+        self._agent_id = registration.agent_id
+        self._node_id = coordinator.node_id
+        self._topic = registration.topic
         # Handling an event must not publish more events.
         self._emits = registration.topic != EVENTS_TOPIC
         self.handled = 0
@@ -42,8 +45,12 @@ class AgentServer:
 
     async def __call__(self, delivery: Delivery) -> None:
         registration = self._registration
-        with self._coordinator.telemetry.process(delivery, registration.agent_id,
-                                                 registration.topic) as processing:
+        telemetry = self._coordinator.telemetry
+        if not telemetry.active:  # no SDK installed: nothing to time or trace
+            await self._handle(delivery)
+            return
+        with telemetry.process(delivery, registration.agent_id,
+                               registration.topic) as processing:
             try:
                 await self._handle(delivery)
             except Exception as exc:
@@ -70,7 +77,8 @@ class AgentServer:
             if publisher.block:
                 await publisher.wait_for_space()
             started_ms = now_ms()
-            self._event(_STARTED, envelope, {"deliveries": delivery.deliveries}, started_ms)
+            publisher.publish_about(_STARTED, self._agent_id, self._node_id, envelope,
+                                    self._data(deliveries=delivery.deliveries), started_ms)
         try:
             message = registration.decode(delivery)
             context = Context(self._coordinator, registration.agent_id, message, delivery)
@@ -92,19 +100,16 @@ class AgentServer:
             if publisher.block:
                 await publisher.wait_for_space()
             ended_ms = now_ms()
-            self._event(_COMPLETED, envelope, {
-                "duration_ms": ended_ms - started_ms, "reply_bytes": reply_bytes,
-                "deliveries": delivery.deliveries}, ended_ms)
+            publisher.publish_about(_COMPLETED, self._agent_id, self._node_id, envelope,
+                                    self._data(duration_ms=ended_ms - started_ms,
+                                               reply_bytes=reply_bytes,
+                                               deliveries=delivery.deliveries), ended_ms)
 
-    def _event(self, type: str, envelope: Envelope, data: dict[str, object],
-               at_ms: int) -> None:
-        """Queue an event about ``envelope`` (a plain call: this runs once or twice per
-        message, and an ``await`` per event is a measurable share of a fast handler)."""
-        topic = self._registration.topic
-        if topic:
-            data["topic"] = topic
-        self._publisher.publish_about(type, self._registration.agent_id,
-                                      self._coordinator.node_id, envelope, data, at_ms)
+    def _data(self, **data: object) -> dict[str, object]:
+        """Event data, with the topic for a subscription."""
+        if self._topic:
+            data["topic"] = self._topic
+        return data
 
     async def _failed(self, delivery: Delivery, exc: Exception, started_ms: int, *,
                       final: bool) -> None:
@@ -116,12 +121,13 @@ class AgentServer:
         # What the consumer does next: the new owner decides after a lost lease, a Reject or
         # the last allowed delivery dead-letters, anything else is retried.
         ended_ms = now_ms()
-        self._event(_FAILED, delivery.envelope, {
-            "error_type": type(exc).__name__, "error": str(exc)[:2000],
-            "deliveries": delivery.deliveries, "duration_ms": ended_ms - started_ms,
-            "will_retry": not final and not delivery.lost,
-            "dead_lettered": final and not delivery.lost, "lease_lost": delivery.lost},
-            ended_ms)
+        publisher.publish_about(_FAILED, self._agent_id, self._node_id, delivery.envelope,
+                                self._data(error_type=type(exc).__name__, error=str(exc)[:2000],
+                                           deliveries=delivery.deliveries,
+                                           duration_ms=ended_ms - started_ms,
+                                           will_retry=not final and not delivery.lost,
+                                           dead_lettered=final and not delivery.lost,
+                                           lease_lost=delivery.lost), ended_ms)
 
     def _final(self, delivery: Delivery, exc: Exception) -> bool:
         return isinstance(exc, Reject) or policy.should_dead_letter(delivery.deliveries,
