@@ -1,4 +1,4 @@
-"""StreamTransport over redis.asyncio (with redis_appends and redis_errors, the only modules
+"""StreamTransport over redis.asyncio (with redis_packed and redis_errors, the only modules
 that import ``redis``).
 
 Redis exceptions are mapped once, at this boundary, by :func:`redis_errors.mapped_errors`.
@@ -17,7 +17,7 @@ from ..errors import ConnectionLost, GroupMissing, TransportError
 from . import scripts
 from .batching import AppendBatcher
 from .protocol import ClaimBatch, ConsumerInfo, Entry, GroupInfo, PendingEntry
-from .redis_appends import PackedAppender
+from .redis_packed import PackedAppender, read_group
 from .redis_errors import error_code, mapped_errors
 
 # Replies as redis-py parses them (RESP2); redis-py leaves most of them untyped or typed as a
@@ -144,13 +144,10 @@ class RedisTransport:
 
     async def read_group(self, stream: str, group: str, consumer: str, count: int,
                          block_ms: int | None, history_after: bytes | None = None) -> list[Entry]:
-        with mapped_errors():
-            reply = cast("_StreamsReply | None", await self.client.xreadgroup(
-                group, consumer, {stream: ">" if history_after is None else history_after},
-                count=count, block=block_ms if history_after is None else None))
-        if not reply:
-            return []
-        return [Entry(i, f or None) for i, f in reply[0][1]]
+        if history_after is None:
+            return await read_group(self.client, stream, group, consumer, count, block_ms, b">")
+        return await read_group(self.client, stream, group, consumer, count, None,
+                                history_after)
 
     async def ack(self, stream: str, group: str, ids: Sequence[bytes]) -> int:
         with mapped_errors():
