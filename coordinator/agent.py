@@ -200,11 +200,12 @@ class Registration:
             raise Reject(f"payload does not match {self.payload_type}: {exc}") from exc
         return Message(envelope, payload, delivery.deliveries, delivery.entry.id.decode())
 
-    async def call(self, message: Message, context: Context) -> Any:
-        """Run the handler."""
+    def call(self, message: Message, context: Context) -> Awaitable[Any]:
+        """The handler's run, to await (not a coroutine of its own: one frame less per
+        message)."""
         if self._wants_context:
-            return await self._call(message, context)
-        return await self._call(message)
+            return self._call(message, context)
+        return self._call(message)
 
 
 def _accepts_two_args(func: Callable[..., Any]) -> bool:
