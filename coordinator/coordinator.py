@@ -425,12 +425,11 @@ class MultiAgentCoordinator:
                          *, types: Collection[str] | None = None) -> None:
         """Consume lifecycle events as the durable group ``group``: at least once, shared by
         every node subscribing with that name, catching up on what was missed while none ran
-        (from the oldest retained event for a new group). Raise to have an event retried."""
+        (from the oldest retained event for a new group). Raise to have an event retried: its
+        whole stream entry is delivered again, with the events of its batch before it."""
         wanted = None if types is None else {str(t) for t in types}
 
         async def deliver(message: Message) -> None:
-            # One entry holds one event or a batch: a failure retries the whole entry, so
-            # events before the failing one are delivered again (at least once).
             for event in events_of(message):
                 if wanted is None or event.type in wanted:
                     await handler(event)
