@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_argument("ids", nargs="*", help="dead-letter ids (show: one; redrive/purge: "
                      "some, or all when none given)")
     dlq.add_argument("--all", action="store_true", help="confirm redrive/purge of all")
+    dlq.add_argument("--topic", help="the agent's subscription to this topic, not its inbox "
+                     "(a redrive reaches this subscriber only)")
     _common(dlq)
     events = sub.add_parser("events", help="lifecycle events: replay, follow, filter",
                             description="Print lifecycle events (agent:started, "

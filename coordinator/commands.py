@@ -138,7 +138,7 @@ async def send(args: argparse.Namespace) -> int:
 
 async def dlq(args: argparse.Namespace) -> int:
     async with MultiAgentCoordinator(config_from_args(args)) as coordinator:
-        letters = coordinator.dead_letters(args.agent)
+        letters = coordinator.dead_letters(args.agent, topic=args.topic)
         ids = args.ids or None
         if args.action in ("redrive", "purge") and ids is None and not args.all:
             raise ConfigError(f"dlq {args.action} with no ids needs --all to confirm")

@@ -445,6 +445,6 @@ class MultiAgentCoordinator:
         """Every live node."""
         return await self.registry.nodes()
 
-    def dead_letters(self, agent_id: str) -> DeadLetters:
-        """The dead letters of an agent's inbox (list, show, redrive, purge)."""
-        return DeadLetters(self.transport, self.keys.inbox(agent_id))
+    def dead_letters(self, agent_id: str, *, topic: str | None = None) -> DeadLetters:
+        """The dead letters of an agent's inbox, or of its subscription to ``topic``."""
+        return DeadLetters.of(self.transport, self.keys, agent_id, topic)

@@ -12,8 +12,12 @@ import msgspec
 from . import codec
 from .envelope import Envelope
 from .errors import CodecError
-from .keys import StreamKeys
+from .keys import Keys, StreamKeys
 from .transport import Entry, StreamTransport
+
+#: The header naming the one consumer group a redriven message is for: a topic's stream is
+#: read by every subscriber's group, and only the group that gave up on it should run it again.
+REDRIVE_HEADER = "kiki-redriven-for"
 
 #: Why an entry was dead-lettered.
 REASON_FAILED = "max_deliveries"
@@ -99,31 +103,67 @@ def parse_record(entry: Entry) -> DeadLetter:
     )
 
 
-class DeadLetters:
-    """Inspect, redrive and purge the dead letters of one stream."""
+def _for_group(data: bytes, group: str) -> bytes | None:
+    """The envelope ``data`` marked as redriven for ``group`` (None: not an intact one)."""
+    try:
+        envelope = codec.decode_envelope({codec.FIELD: data})
+    except CodecError:
+        return None
+    if not group:
+        return data
+    return codec.encode(msgspec.structs.replace(
+        envelope, headers={**envelope.headers, REDRIVE_HEADER: group}))
 
-    def __init__(self, transport: StreamTransport, keys: StreamKeys) -> None:
+
+class DeadLetters:
+    """Inspect, redrive and purge the dead letters of one stream.
+
+    :param group: only those one consumer group gave up on (a topic's dead letters are
+        shared by its subscribers' groups)
+    """
+
+    def __init__(self, transport: StreamTransport, keys: StreamKeys,
+                 group: str | None = None) -> None:
         self._transport = transport
         self._keys = keys
+        self._group = group.encode() if group is not None else None
+
+    @classmethod
+    def of(cls, transport: StreamTransport, keys: Keys, agent_id: str,
+           topic: str | None = None) -> DeadLetters:
+        """Those of an agent's inbox, or of its subscription to ``topic``."""
+        if topic is None:
+            return cls(transport, keys.inbox(agent_id))
+        return cls(transport, keys.subscription(topic, agent_id), agent_id)
 
     async def count(self) -> int:
         """How many dead letters there are."""
-        return await self._transport.length(self._keys.dead_letters)
+        if self._group is None:
+            return await self._transport.length(self._keys.dead_letters)
+        return len(await self._select(None))
 
     async def list(self, count: int = 100, after: str = "-") -> list[DeadLetter]:
         """Dead letters oldest first, starting after ``after`` (exclusive; ``-`` = start)."""
-        start = after if after == "-" else f"({after}"
-        rows = await self._transport.range(self._keys.dead_letters, start, "+", count=count)
-        return [parse_record(r) for r in rows]
+        found: list[DeadLetter] = []
+        start: bytes | str = after if after == "-" else f"({after}"
+        while len(found) < count:
+            rows = await self._transport.range(self._keys.dead_letters, start, "+",
+                                               count=count)
+            found += [parse_record(r) for r in rows if self._mine(r)]
+            if len(rows) < count:
+                break
+            start = b"(" + rows[-1].id
+        return found[:count]
 
     async def show(self, dead_id: str) -> DeadLetter | None:
         """One dead letter by its id, or None."""
         rows = await self._transport.range(self._keys.dead_letters, dead_id, dead_id, count=1)
-        return parse_record(rows[0]) if rows else None
+        return parse_record(rows[0]) if rows and self._mine(rows[0]) else None
 
     async def redrive(self, dead_ids: Sequence[str] | None = None
                       ) -> tuple[int, builtins.list[str]]:
-        """Put dead letters back on their stream (all when ``dead_ids`` is None).
+        """Put dead letters back on their stream (all when ``dead_ids`` is None), each for the
+        group that gave up on it only (other subscriber groups of a topic skip it).
 
         Entries without an intact envelope (poison) cannot be redriven and are skipped.
         :returns: how many were redriven, and the ids skipped
@@ -131,23 +171,28 @@ class DeadLetters:
         rows = await self._select(dead_ids)
         moved, skipped = 0, []
         for row in rows:
-            data = (row.fields or {}).get(b"e")
-            if data is None:
+            fields = row.fields or {}
+            data = fields.get(b"e")
+            marked = _for_group(data, fields.get(b"group", b"").decode()) if data else None
+            if marked is None:
                 skipped.append(row.id.decode())
                 continue
             await self._transport.move_back(self._keys.dead_letters, self._keys.stream,
-                                            row.id, data)
+                                            row.id, marked)
             moved += 1
         return moved, skipped
 
     async def purge(self, dead_ids: Sequence[str] | None = None) -> int:
         """Delete dead letters for good (all when ``dead_ids`` is None)."""
-        if dead_ids is None:
+        if dead_ids is None and self._group is None:
             total = await self.count()
             await self._transport.delete_keys(self._keys.dead_letters)
             return total
-        return await self._transport.delete_entries(self._keys.dead_letters,
-                                                    [d.encode() for d in dead_ids])
+        ids = [r.id for r in await self._select(dead_ids)]
+        return await self._transport.delete_entries(self._keys.dead_letters, ids) if ids else 0
+
+    def _mine(self, entry: Entry) -> bool:
+        return self._group is None or (entry.fields or {}).get(b"group") == self._group
 
     async def _select(self, dead_ids: Sequence[str] | None) -> builtins.list[Entry]:
         if dead_ids is None:
@@ -156,11 +201,11 @@ class DeadLetters:
             while True:
                 batch = await self._transport.range(self._keys.dead_letters, after, "+",
                                                     count=500)
-                rows += batch
+                rows += [r for r in batch if self._mine(r)]
                 if len(batch) < 500:
                     return rows
                 after = b"(" + batch[-1].id
         found: list[Entry] = []
         for dead_id in dead_ids:
             found += await self._transport.range(self._keys.dead_letters, dead_id, dead_id, 1)
-        return found
+        return [r for r in found if self._mine(r)]

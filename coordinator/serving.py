@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import codec, policy
 from .agent import Context, Registration
+from .deadletter import REDRIVE_HEADER
 from .delivery import Delivery
 from .envelope import Envelope, Reply
 from .errors import CodecError, TransportError
@@ -69,6 +70,9 @@ class AgentServer:
             log.info("skipped expired message", extra={"message_id": envelope.id,
                                                          "agent_id": self._registration.agent_id})
             return
+        if envelope.headers and envelope.headers.get(REDRIVE_HEADER, self._agent_id) \
+                != self._agent_id:
+            return  # redriven from another subscriber's dead letters: not ours to run again
         registration = self._registration
         publisher = self._publisher
         publishing = self._emits and publisher.enabled
