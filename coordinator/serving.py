@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from . import codec, policy
@@ -44,14 +45,16 @@ class AgentServer:
         self.handled = 0
         self.expired = 0
 
-    async def __call__(self, delivery: Delivery) -> None:
+    def __call__(self, delivery: Delivery) -> Awaitable[None]:
+        # A plain call returning the coroutine to await: one frame less per message.
+        if not self._coordinator.telemetry.active:  # no SDK installed: nothing to trace
+            return self._handle(delivery)
+        return self._traced(delivery)
+
+    async def _traced(self, delivery: Delivery) -> None:
         registration = self._registration
-        telemetry = self._coordinator.telemetry
-        if not telemetry.active:  # no SDK installed: nothing to time or trace
-            await self._handle(delivery)
-            return
-        with telemetry.process(delivery, registration.agent_id,
-                               registration.topic) as processing:
+        with self._coordinator.telemetry.process(delivery, registration.agent_id,
+                                                 registration.topic) as processing:
             try:
                 await self._handle(delivery)
             except Exception as exc:
