@@ -118,6 +118,7 @@ class Telemetry:
         self._attrs: dict[tuple[str, ...], dict[str, str]] = {}
         self._sent: dict[tuple[str, str, str], int] = {}
         self._attempts: OrderedDict[str, object] = OrderedDict()
+        self._last_parent: tuple[str, tuple[object, bool | None]] = ("", (None, None))
         self.enabled = HAVE_OTEL
         if not HAVE_OTEL:
             return
@@ -243,10 +244,20 @@ class Telemetry:
     def _parent_of(self, envelope: Envelope) -> tuple[object, bool | None]:
         """The sender's trace context of ``envelope`` and whether its trace is sampled
         (None without a valid one: the handler span is then a root span)."""
-        empty = otel_context.Context()
         traceparent = envelope.traceparent
         if not traceparent:
-            return empty, None
+            return otel_context.Context(), None
+        if traceparent == self._last_parent[0] and not envelope.tracestate:
+            # Messages sent together (send_many, a broadcast) share their sender's context.
+            return self._last_parent[1]
+        found = self._parse_parent(envelope, traceparent)
+        if not envelope.tracestate:
+            self._last_parent = (traceparent, found)
+        return found
+
+    def _parse_parent(self, envelope: Envelope, traceparent: str
+                      ) -> tuple[object, bool | None]:
+        empty = otel_context.Context()
         parts = traceparent.split("-")
         if (len(parts) != 4 or parts[0] != "00" or len(parts[1]) != 32
                 or len(parts[2]) != 16 or len(parts[3]) != 2):

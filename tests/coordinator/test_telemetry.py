@@ -582,3 +582,24 @@ def test_trace_context_is_read_back_from_the_envelope(otel: Otel) -> None:
         envelope = make_envelope("a", 1, traceparent=bad)
         assert not trace.get_current_span(
             telemetry._context_of(envelope)).get_span_context().is_valid
+
+
+def test_messages_sent_together_and_apart_keep_their_own_parents(otel: Otel) -> None:
+    from coordinator.producer import make_envelope
+    from coordinator.telemetry import Telemetry
+
+    telemetry = Telemetry(otel.tracer_provider, node_id="n")
+    tracer = otel.tracer_provider.get_tracer("t")
+    senders = []
+    for name in ("first", "second"):
+        with tracer.start_as_current_span(name) as span:
+            senders.append((span.get_span_context().span_id, telemetry.trace_fields()))
+    # A batch from one sender, then the other, then the first again (the parsed context of
+    # the latest sender is reused; it must never leak onto another sender's message).
+    for span_id, fields in [senders[0], senders[0], senders[1], senders[0]]:
+        envelope = make_envelope("a", 1, **fields)
+        parent = trace.get_current_span(telemetry._context_of(envelope)).get_span_context()
+        assert parent.span_id == span_id
+    stated = make_envelope("a", 1, traceparent=senders[0][1]["traceparent"], tracestate="k=v")
+    parent = trace.get_current_span(telemetry._context_of(stated)).get_span_context()
+    assert parent.trace_state.get("k") == "v"
