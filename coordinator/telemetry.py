@@ -27,7 +27,7 @@ from .delivery import Delivery
 from .envelope import Envelope
 from .errors import TransportError
 from .registry import now_ms
-from .telemetry_processing import Processing
+from .telemetry_processing import HISTOGRAM_MEASUREMENTS_PER_S, Processing, Thinning
 
 try:
     from opentelemetry import context as otel_context
@@ -123,8 +123,11 @@ class Telemetry:
         if not HAVE_OTEL:
             return
         self._explicit_tracer = tracer_provider is not None
-        self._active = False
+        self._tracing = self._explicit_tracer
+        self._metering = self._explicit_meter
         self._active_checked_at = -1e9
+        #: Picks the messages whose duration and latency go to the histograms.
+        self.histogram_sample = Thinning(HISTOGRAM_MEASUREMENTS_PER_S)
         tracers = tracer_provider or otel_trace.get_tracer_provider()
         self._tracer = tracers.get_tracer(SCOPE, VERSION)
         self._propagator = TraceContextTextMapPropagator()
@@ -161,13 +164,27 @@ class Telemetry:
             return False
         if self._explicit_tracer or self._explicit_meter:
             return True
+        self._check_providers()
+        return self._tracing or self._metering
+
+    @property
+    def tracing(self) -> bool:
+        """Whether spans would be recorded (a tracer provider other than the no-op one)."""
+        if not HAVE_OTEL:
+            return False
+        if self._explicit_tracer:
+            return True
+        self._check_providers()
+        return self._tracing
+
+    def _check_providers(self) -> None:
         now = time.monotonic()
         if now >= self._active_checked_at + 1.0:  # the provider lookups cost ~2 us: cache 1 s
             self._active_checked_at = now
-            self._active = (
-                type(otel_trace.get_tracer_provider()).__name__ not in _NO_OP_PROVIDERS
-                or type(otel_metrics.get_meter_provider()).__name__ not in _NO_OP_PROVIDERS)
-        return self._active
+            self._tracing = (
+                type(otel_trace.get_tracer_provider()).__name__ not in _NO_OP_PROVIDERS)
+            self._metering = self._explicit_meter or (
+                type(otel_metrics.get_meter_provider()).__name__ not in _NO_OP_PROVIDERS)
 
     def watch(self, source: Watched) -> None:
         """Read consumer counters (and ``heartbeats``, ``event_publisher.dropped`` when the
@@ -193,7 +210,7 @@ class Telemetry:
                  sender: str | None = None) -> AbstractContextManager[Span | None]:
         """The PRODUCER span of one send (``send``) or broadcast (``publish``); current
         while the envelope is built, so :meth:`trace_fields` picks it up."""
-        if not self.active:
+        if not self.tracing:
             return nullcontext()
         attributes: dict[str, str] = {
             "messaging.system": "redis", "messaging.operation.type": "send",

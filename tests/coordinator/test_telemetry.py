@@ -603,3 +603,21 @@ def test_messages_sent_together_and_apart_keep_their_own_parents(otel: Otel) -> 
     stated = make_envelope("a", 1, traceparent=senders[0][1]["traceparent"], tracestate="k=v")
     parent = trace.get_current_span(telemetry._context_of(stated)).get_span_context()
     assert parent.trace_state.get("k") == "v"
+
+
+def test_histograms_take_every_message_at_low_rates_and_a_sample_at_high_ones() -> None:
+    import time as clock
+
+    from coordinator.telemetry_processing import Thinning
+
+    slow = Thinning(per_second=1_000)
+    picked = 0
+    for _ in range(20):  # ~200 a second
+        picked += slow.take()
+        clock.sleep(0.005)
+    assert picked == 20
+    fast = Thinning(per_second=1_000)
+    started = clock.monotonic()
+    picked = sum(fast.take() for _ in range(200_000))  # millions a second
+    elapsed = clock.monotonic() - started
+    assert 0 < picked <= 1_000 * (elapsed + 0.2) + 200  # about the budget, never all
