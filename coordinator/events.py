@@ -120,8 +120,15 @@ class EventPublisher(BufferedPublisher[PackedTuple]):
         after its batch. ``data`` must hold only what msgpack carries. Never raises."""
         if not self.enabled:
             return False
-        return self._offer((type, agent_id, node_id, about.session_id, about.id, created_ms,
-                            about.traceparent, data, ""))
+        if self._closed or len(self._buffer) >= self._capacity:
+            self.dropped += 1
+            return False
+        # BufferedPublisher._offer, inlined: this runs twice per handled message.
+        self._buffer.append((type, agent_id, node_id, about.session_id, about.id, created_ms,
+                             about.traceparent, data, ""))
+        if not self._wanted.is_set():
+            self._wanted.set()
+        return True
 
     async def wait_for_space(self) -> None:
         """With ``block=True``: return once an event would be queued; else at once."""
