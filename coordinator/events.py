@@ -32,6 +32,7 @@ from .producer import new_message_id
 from .registry import now_ms
 from .transport import StreamTransport
 from .publishing import BufferedPublisher
+from .tailing import tail
 
 if TYPE_CHECKING:
     from .agent import Message
@@ -252,29 +253,20 @@ async def read_events(transport: StreamTransport, stream: str, *, after: bytes |
     ``stream_id``; without ``follow`` it ends at the current end of the stream."""
     inside: bytes | None = None
     seen = -1
-    if after is None:
-        last = await transport.range(stream, b"-", b"+", count=1, reverse=True)
-        after = last[0].id if last else b"0-0"
-        if not follow:
-            return
-    else:
+    if after is not None:
         after, inside, seen = _resume_point(after)
-    while True:
-        entries = await transport.read(stream, after, count, block_ms if follow else None)
-        if not entries and not follow:
-            return
-        for entry in entries:
-            after = entry.id
-            try:
-                decoded = codec.decode_event(entry.fields)
-            except CodecError as exc:
-                log.warning("skipping event entry %s: %s", entry.id.decode(), exc)
-                continue
-            events = unpack(entry.id.decode(), decoded)
-            if entry.id == inside:
-                events = events[seen + 1:]
-            for event in events:
-                yield event
+    async for entry in tail(transport, stream, after=after, follow=follow, block_ms=block_ms,
+                            count=count):
+        try:
+            decoded = codec.decode_event(entry.fields)
+        except CodecError as exc:
+            log.warning("skipping event entry %s: %s", entry.id.decode(), exc)
+            continue
+        events = unpack(entry.id.decode(), decoded)
+        if entry.id == inside:
+            events = events[seen + 1:]
+        for event in events:
+            yield event
 
 
 def event_envelope(fields: dict[bytes, bytes] | None) -> Envelope:

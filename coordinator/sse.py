@@ -49,7 +49,8 @@ from .config import CoordinatorConfig
 from .errors import ConfigError, CoordinatorError
 from .events import after_id
 from .keys import Keys
-from .tokens import follow_session, last_id
+from .tailing import last_id
+from .tokens import follow_session
 from .transport import RedisTransport, StreamTransport
 
 __all__ = ["create_app", "format_cursor", "parse_cursor", "run_server"]

@@ -26,12 +26,13 @@ import msgspec
 from .envelope import AgentEvent
 from .errors import TransportError
 from .events import read_events
-from .registry import now_ms
-from .transport import StreamTransport
 from .publishing import BufferedPublisher
+from .registry import now_ms
+from .tailing import last_id, tail
+from .transport import StreamTransport
 
 __all__ = ["Token", "TokenPublisher", "SessionItem", "TOKENS_MAXLEN", "TOKENS_TTL_MS",
-           "follow_session", "last_id", "read_tokens", "stream_id_key"]
+           "follow_session", "read_tokens", "stream_id_key"]
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,6 @@ def make_token(text: str, session_id: str, *, agent_id: str | None = None,
                  message_id=message_id, run_id=run_id, created_ms=now_ms())
 
 
-async def last_id(transport: StreamTransport, stream: str) -> bytes:
-    """The id of the newest entry of ``stream`` (``0-0`` when it is empty or missing)."""
-    last = await transport.range(stream, b"-", b"+", count=1, reverse=True)
-    return last[0].id if last else b"0-0"
 
 
 async def read_tokens(transport: StreamTransport, stream: str, *, after: bytes | None,
@@ -142,22 +139,14 @@ async def read_tokens(transport: StreamTransport, stream: str, *, after: bytes |
     """Tokens of a session stream after the id ``after`` (None: only new ones), each with its
     ``stream_id``; without ``follow`` it ends at the current end of the stream. Tokens trimmed
     away before they were read are skipped silently (the stream is capped)."""
-    if after is None:
-        after = await last_id(transport, stream)
-        if not follow:
-            return
-    while True:
-        entries = await transport.read(stream, after, count, block_ms if follow else None)
-        if not entries and not follow:
-            return
-        for entry in entries:
-            after = entry.id
-            try:
-                token = decode_token(entry.fields)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                log.warning("skipping token entry %s: %s", entry.id.decode(), exc)
-                continue
-            yield msgspec.structs.replace(token, stream_id=entry.id.decode())
+    async for entry in tail(transport, stream, after=after, follow=follow, block_ms=block_ms,
+                            count=count):
+        try:
+            token = decode_token(entry.fields)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("skipping token entry %s: %s", entry.id.decode(), exc)
+            continue
+        yield msgspec.structs.replace(token, stream_id=entry.id.decode())
 
 
 def stream_id_key(stream_id: str) -> tuple[int, int, int]:
