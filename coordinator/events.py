@@ -121,15 +121,8 @@ class EventPublisher(BufferedPublisher[PackedTuple]):
         after its batch. ``data`` must hold only what msgpack carries. Never raises."""
         if not self.enabled:
             return False
-        if self._closed or len(self._buffer) >= self._capacity:
-            self.dropped += 1
-            return False
-        # BufferedPublisher._offer, inlined: this runs twice per handled message.
-        self._buffer.append((type, agent_id, node_id, about.session_id, about.id, created_ms,
-                             about.traceparent, data, ""))
-        if not self._wanted.is_set():
-            self._wanted.set()
-        return True
+        return self._offer((type, agent_id, node_id, about.session_id, about.id, created_ms,
+                            about.traceparent, data, ""))
 
     async def wait_for_space(self) -> None:
         """With ``block=True``: return once an event would be queued; else at once."""
@@ -160,21 +153,26 @@ class EventPublisher(BufferedPublisher[PackedTuple]):
 
     def _encode(self, batch: list[PackedTuple]) -> tuple[bytes, int]:
         """One entry for ``batch``; an event that cannot be encoded is dropped alone."""
-        events = cast("list[PackedEvent]", batch)  # encoded alike: a msgpack array each
         try:
-            return codec.encode_event(EventBatch(id=new_message_id(), events=events)), len(batch)
+            return _batch_entry(batch), len(batch)
         except CodecError:
-            kept = []
-            for item in batch:
-                try:
-                    codec.encode_payload(item)
-                except CodecError as exc:
-                    log.warning("event %s dropped: %s", item[0], exc)
-                    self.dropped += 1
-                    continue
-                kept.append(item)
-            events = cast("list[PackedEvent]", kept)
-            return codec.encode_event(EventBatch(id=new_message_id(), events=events)), len(kept)
+            pass
+        kept = []
+        for item in batch:
+            try:
+                codec.encode_payload(item)
+            except CodecError as exc:
+                log.warning("event %s dropped: %s", item[0], exc)
+                self.dropped += 1
+                continue
+            kept.append(item)
+        return _batch_entry(kept), len(kept)
+
+
+def _batch_entry(items: list[PackedTuple]) -> bytes:
+    """The stream entry data of one batch (a tuple encodes as the PackedEvent array it is)."""
+    return codec.encode_event(EventBatch(id=new_message_id(),
+                                         events=cast("list[PackedEvent]", items)))
 
 
 def after_id(since: str | int | None) -> bytes | None:
