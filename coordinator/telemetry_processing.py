@@ -24,8 +24,9 @@ if TYPE_CHECKING:
     from .telemetry import Telemetry
 
 
-#: Handler duration and end-to-end latency measurements handed to the SDK per second at most,
-#: about: an SDK histogram measurement costs ~6 us, more than handling a small message.
+#: About how many messages a second (per node) have their handler duration and end-to-end
+#: latency recorded in the histograms: one SDK histogram measurement costs ~6 us, more than
+#: handling a small message.
 HISTOGRAM_MEASUREMENTS_PER_S = 1_000
 
 
