@@ -149,9 +149,8 @@ class ResearchState(MessagesState):
     answer: str
 
 
-def build_researcher(model: Any = None) -> Any:
-    """The researcher graph: model <-> search ToolNode; ``answer`` holds the final reply."""
-    llm = (model or ScriptedChatModel(script=researcher_script)).bind_tools([search])
+def _tool_loop(step: str, llm: Any, tools: list[Any]) -> Any:
+    """A graph where the model node ``step`` calls ``tools`` until it answers (``answer``)."""
 
     async def think(state: ResearchState) -> dict[str, Any]:
         reply = await llm.ainvoke(state["messages"])
@@ -161,12 +160,18 @@ def build_researcher(model: Any = None) -> Any:
         return update
 
     graph = StateGraph(ResearchState)
-    graph.add_node("think", think)
-    graph.add_node("tools", ToolNode([search]))
-    graph.add_edge(START, "think")
-    graph.add_conditional_edges("think", tools_condition)
-    graph.add_edge("tools", "think")
+    graph.add_node(step, think)
+    graph.add_node("tools", ToolNode(tools))
+    graph.add_edge(START, step)
+    graph.add_conditional_edges(step, tools_condition)
+    graph.add_edge("tools", step)
     return graph.compile()
+
+
+def build_researcher(model: Any = None) -> Any:
+    """The researcher graph: model <-> search ToolNode; ``answer`` holds the final reply."""
+    llm = (model or ScriptedChatModel(script=researcher_script)).bind_tools([search])
+    return _tool_loop("think", llm, [search])
 
 
 # -- writer --------------------------------------------------------------------------------
@@ -247,21 +252,7 @@ def build_planner(model: Any = None) -> Any:
     """The planner graph: model <-> ToolNode of ask_researcher/ask_writer; ``answer``."""
     tools = [ask_researcher, ask_writer]
     llm = (model or ScriptedChatModel(script=planner_script)).bind_tools(tools)
-
-    async def plan(state: ResearchState) -> dict[str, Any]:
-        reply = await llm.ainvoke(state["messages"])
-        update: dict[str, Any] = {"messages": [reply]}
-        if not reply.tool_calls:
-            update["answer"] = str(reply.content)
-        return update
-
-    graph = StateGraph(ResearchState)
-    graph.add_node("plan", plan)
-    graph.add_node("tools", ToolNode(tools))
-    graph.add_edge(START, "plan")
-    graph.add_conditional_edges("plan", tools_condition)
-    graph.add_edge("tools", "plan")
-    return graph.compile()
+    return _tool_loop("plan", llm, tools)
 
 
 # -- agents --------------------------------------------------------------------------------
