@@ -27,7 +27,7 @@ from .errors import BacklogFull, CoordinatorError, RemoteError, RequestTimeout, 
 from .events import (EVENTS_TOPIC, AgentEvent, EventEntry, EventPublisher, after_id,
                      event_envelope, events_of, matches, read_events)
 from .keys import Keys
-from .producer import make_envelope, new_message_id
+from .producer import envelopes_like, make_envelope, new_message_id
 from .registry import Heartbeat, Registry, now_ms
 from .replies import ReplyRouter
 from .retention import Retention
@@ -291,10 +291,10 @@ class MultiAgentCoordinator:
         :raises BacklogFull: when the inbox is over ``delivery.inbox_limit``
         """
         with self.telemetry.producer("send", agent_id, session_id=session_id) as span:
-            envelopes = [self._envelope(agent_id, payload, session_id=session_id,
-                                        user_id=user_id, headers=headers, type=type,
-                                        deadline_s=deadline_s, message_id=None)
-                         for payload in payloads]
+            template = self._envelope(agent_id, None, session_id=session_id, user_id=user_id,
+                                      headers=headers, type=type, deadline_s=deadline_s,
+                                      message_id=None)
+            envelopes = envelopes_like(template, payloads)
             if envelopes:
                 await self._deliver(agent_id, envelopes, span)
         return [envelope.id for envelope in envelopes]
@@ -319,10 +319,9 @@ class MultiAgentCoordinator:
 
     def _sent(self, span: Any, envelopes: list[Envelope], via: str) -> None:
         """Count what was sent; record it for the archive when it keeps messages."""
-        operation = "publish" if via == "broadcast" else "send"
-        for envelope in envelopes:
-            self.telemetry.sent(span, envelope, operation)
-            if self.record_messages:
+        self.telemetry.sent(span, envelopes, "publish" if via == "broadcast" else "send")
+        if self.record_messages:
+            for envelope in envelopes:
                 event = sync_event(envelope, via, self.node_id)
                 if event is not None:
                     self.event_publisher.publish_nowait(event)

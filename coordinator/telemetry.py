@@ -237,17 +237,22 @@ class Telemetry:
             fields["tracestate"] = ctx.trace_state.to_header()
         return fields
 
-    def sent(self, span: Span | None, envelope: Envelope, operation: str) -> None:
-        """Count a sent message and name it on its PRODUCER span."""
-        if not HAVE_OTEL:
+    def sent(self, span: Span | None, envelopes: Sequence[Envelope], operation: str) -> None:
+        """Count messages sent together (one target, one sender) and name them on their
+        PRODUCER span: the message id of one, the count of a batch."""
+        if not HAVE_OTEL or not envelopes:
             return
+        first = envelopes[0]
         if span is not None and span.is_recording():
-            span.set_attribute("messaging.message.id", envelope.id)
-            if envelope.correlation_id:
-                span.set_attribute("messaging.message.conversation_id",
-                                   envelope.correlation_id)
-        key = (operation, envelope.target, envelope.sender or "")
-        self._sent[key] = self._sent.get(key, 0) + 1
+            if len(envelopes) > 1:
+                span.set_attribute("messaging.batch.message_count", len(envelopes))
+            else:
+                span.set_attribute("messaging.message.id", first.id)
+                if first.correlation_id:
+                    span.set_attribute("messaging.message.conversation_id",
+                                       first.correlation_id)
+        key = (operation, first.target, first.sender or "")
+        self._sent[key] = self._sent.get(key, 0) + len(envelopes)
 
     # -- consuming --------------------------------------------------------------------------
     def process(self, delivery: Delivery, agent_id: str, topic: str | None) -> Processing:
