@@ -54,7 +54,8 @@ def measure(url: str, mode: str, client: redis.Redis, run: int, messages: int,
         opts = throughput.Options(url, messages, 1, 500, payload_bytes)
         row = throughput.measure(opts, mode, client, run)
         return {k: row[k] for k in ("msgs_per_s", "seconds", "send_seconds",
-                                    "consumer_cpu_us_per_msg", "redis_cpu_us_per_msg")}
+                                    "consumer_cpu_us_per_msg", "producer_cpu_us_per_msg",
+                                    "redis_cpu_us_per_msg")}
     prefix = f"bench{run}{mode[:2]}{uuid.uuid4().hex[:6]}"
     timeout = 30.0 + messages / 500
     common = ["--url", url, "--prefix", prefix, "--messages", str(messages),
@@ -89,6 +90,7 @@ def measure(url: str, mode: str, client: redis.Redis, run: int, messages: int,
     return {"msgs_per_s": messages / seconds, "seconds": seconds,
             "send_seconds": sent["t_last"] - sent["t_first"],
             "consumer_cpu_us_per_msg": cpu * 1e6 / messages,
+            "producer_cpu_us_per_msg": sent["cpu_s"] * 1e6 / messages,
             "redis_cpu_us_per_msg": redis_cpu * 1e6 / messages}
 
 
