@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from . import codec, policy
 from .claimer import Claimer
@@ -182,6 +183,9 @@ class GroupConsumer:
                 history = last
             if entries:
                 await self.accept(entries, counts)
+                # Let the woken workers start before the next read is sent: a lone message
+                # is handled one read round trip sooner.
+                await anyio.lowlevel.checkpoint()
 
     async def _drop_deleted(self, entries: list[Entry]) -> list[Entry]:
         """Ack pending entries whose stream entry is gone (XDEL): nothing is left to handle."""

@@ -17,7 +17,7 @@ from ..errors import ConnectionLost, GroupMissing, TransportError
 from . import scripts
 from .batching import AppendBatcher
 from .protocol import ClaimBatch, ConsumerInfo, Entry, GroupInfo, PendingEntry
-from .redis_packed import PackedAppender, read_group
+from .redis_packed import Connections, PackedAppender, ack, read_group
 from .redis_errors import error_code, mapped_errors
 
 # Replies as redis-py parses them (RESP2); redis-py leaves most of them untyped or typed as a
@@ -69,7 +69,9 @@ class RedisTransport:
         self._release_owned = client.register_script(scripts.RELEASE_OWNED)
         self._add_expiring = client.register_script(scripts.ADD_EXPIRING)
         self._count_after = client.register_script(scripts.COUNT_AFTER)
-        self._appender = PackedAppender(client)
+        pool = client.connection_pool
+        self._connections = Connections(pool, pool.max_connections)
+        self._appender = PackedAppender(client, self._connections)
         self._appends = AppendBatcher(self._appender.append)
 
     @classmethod
@@ -145,14 +147,13 @@ class RedisTransport:
     async def read_group(self, stream: str, group: str, consumer: str, count: int,
                          block_ms: int | None, history_after: bytes | None = None) -> list[Entry]:
         if history_after is None:
-            return await read_group(self.client, stream, group, consumer, count, block_ms, b">")
-        return await read_group(self.client, stream, group, consumer, count, None,
+            return await read_group(self._connections, stream, group, consumer, count,
+                                    block_ms, b">")
+        return await read_group(self._connections, stream, group, consumer, count, None,
                                 history_after)
 
     async def ack(self, stream: str, group: str, ids: Sequence[bytes]) -> int:
-        with mapped_errors():
-            acked: int = await self.client.xack(stream, group, *ids)
-        return acked
+        return await ack(self._connections, stream, group, ids)
 
     async def ack_checked(self, stream: str, dedup: str, group: str, consumer: str,
                           pairs: Sequence[tuple[bytes, str]], check_owner: bool,
@@ -401,4 +402,5 @@ class RedisTransport:
             await self.client.ping()
 
     async def close(self) -> None:
+        await self._connections.close()
         await self.client.aclose()

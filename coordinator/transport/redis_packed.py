@@ -1,5 +1,5 @@
-"""The two hot commands sent without redis-py's command layer: batched stream appends (one
-EVALSHA of the APPEND script per stream) and group reads (XREADGROUP).
+"""The hot commands sent without redis-py's command layer or pool: batched stream appends (one
+EVALSHA of the APPEND script per stream), group reads (XREADGROUP) and acks (XACK).
 
 For these fixed command shapes, packing the commands here rather than through redis-py's
 pipeline, and appending a whole batch per script call, costs the client ~1 us per entry
@@ -10,10 +10,11 @@ and callback layers, which cost a blocking read tens of microseconds of latency.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+import anyio
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 from redis.asyncio.connection import AbstractConnection
@@ -23,45 +24,115 @@ from .protocol import Entry
 from .redis_errors import mapped_error, mapped_errors
 
 
-@asynccontextmanager
-async def pooled_connection(client: aioredis.Redis) -> AsyncIterator[AbstractConnection]:
-    """A connection of ``client``'s pool for hand-packed commands, released afterwards; it is
-    dropped instead when the block fails, as replies may be left unread on it."""
-    pool = client.connection_pool
-    get_connection = cast(Callable[[], Awaitable[AbstractConnection]],
-                          pool.get_connection)  # unannotated in redis-py
-    conn = await get_connection()
-    try:
-        yield conn
-    except BaseException:
+class Connections:
+    """Connections for the hand-packed commands, kept apart from redis-py's pool.
+
+    Taking a connection from redis-py 8's pool costs ~30 us (a lock, a timeout, a socket
+    check and connection-count bookkeeping on every take and release): more than handling a
+    batch of messages. Here an idle connection is a list pop. One that fails is dropped with
+    every idle one (they most likely died together, as in a Redis restart); one idle for over
+    a second is checked before use, as redis-py's pool checks every time.
+
+    :param pool: whose connection settings (address, password, timeouts, protocol) to use
+    :param limit: connections open at most; beyond, callers wait for one to be given back
+    """
+
+    _CHECK_IDLE_S = 1.0
+
+    def __init__(self, pool: aioredis.ConnectionPool, limit: int) -> None:
+        self._make = cast(Callable[[], AbstractConnection],
+                          pool.make_connection)  # unannotated in redis-py
+        self._limit = limit
+        self._idle: list[tuple[AbstractConnection, float]] = []
+        self._open: set[AbstractConnection] = set()
+        self._given_back = anyio.Event()
+
+    async def take(self) -> AbstractConnection:
+        """An idle connection, or a new one (connected by its first command)."""
+        while True:
+            if self._idle:
+                conn, since = self._idle.pop()
+                if time.monotonic() - since < self._CHECK_IDLE_S or await self._usable(conn):
+                    return conn
+                continue
+            if len(self._open) < self._limit:
+                conn = self._make()
+                self._open.add(conn)
+                return conn
+            await self._given_back.wait()
+
+    def give(self, conn: AbstractConnection) -> None:
+        """Take back a connection whose replies were all read."""
+        if conn in self._open:
+            self._idle.append((conn, time.monotonic()))
+            self._given_back.set()
+            self._given_back = anyio.Event()
+
+    async def drop(self, conn: AbstractConnection) -> None:
+        """Forget a connection that failed, and the idle ones: likely dead as well."""
+        doomed = [conn, *(idle for idle, _ in self._idle)]
+        self._idle.clear()
+        for each in doomed:
+            self._open.discard(each)
+        self._given_back.set()
+        self._given_back = anyio.Event()
+        for each in doomed:
+            await each.disconnect()
+
+    async def _usable(self, conn: AbstractConnection) -> bool:
+        # redis-py 8 renamed the check; 5.x only has the old name.
+        check = getattr(conn, "can_read", None) or conn.can_read_destructive
+        try:
+            if not await check():  # readable means closed, or stray data
+                return True
+        except (rex.ConnectionError, rex.TimeoutError, OSError):
+            pass
+        self._open.discard(conn)
         await conn.disconnect()
-        raise
-    finally:
-        await pool.release(conn)
+        return False
+
+    async def close(self) -> None:
+        """Disconnect every connection (the transport is closing)."""
+        conns, self._open, self._idle = list(self._open), set(), []
+        for conn in conns:
+            await conn.disconnect()
+
+    async def call(self, packed: list[bytes]) -> Any:
+        """Send one hand-packed command and return its reply.
+
+        :raises TransportError: mapped from the Redis error (NOGROUP, connection lost...)
+        """
+        with mapped_errors():
+            conn = await self.take()
+            try:
+                await conn.send_packed_command(packed, check_health=False)
+                try:
+                    reply = await conn.read_response()
+                except rex.ResponseError as exc:  # read in full: the connection stays usable
+                    error: rex.ResponseError | None = exc
+                else:
+                    error = None
+            except BaseException:  # replies may be left unread on it
+                await self.drop(conn)
+                raise
+            self.give(conn)
+            if error is not None:
+                raise error
+        return reply
 
 
-async def read_group(client: aioredis.Redis, stream: str, group: str, consumer: str,
+async def read_group(connections: Connections, stream: str, group: str, consumer: str,
                      count: int, block_ms: int | None, after: bytes) -> list[Entry]:
     """XREADGROUP of one stream (``after``: ``>`` for new entries, else an id of our own
     pending list); an entry deleted while pending comes back with ``fields`` None.
 
     :raises TransportError: mapped from the Redis error (NOGROUP, connection lost...)
     """
-    args: list[Any] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
+    args: list[bytes | str | int] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
     if block_ms is not None:
         args += ["BLOCK", block_ms]
     args += ["STREAMS", stream, after]
-    with mapped_errors():
-        async with pooled_connection(client) as conn:
-            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
-            try:
-                reply = await conn.read_response()
-            except rex.ResponseError as exc:  # read in full: the connection stays usable
-                error: rex.ResponseError | None = exc
-            else:
-                error = None
-        if error is not None:
-            raise error
+    reply = await connections.call([_pack(args)])
     if not reply:
         return []
     # RESP3 (redis-py's default from 8.0) sends a map stream -> rows, RESP2 [[stream, rows]].
@@ -69,6 +140,24 @@ async def read_group(client: aioredis.Redis, stream: str, group: str, consumer: 
                 next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1])
     new = tuple.__new__  # Entry(...) goes through a Python-level __new__: twice the cost
     return [new(Entry, (entry_id, _fields(raw))) for entry_id, raw in rows]
+
+
+async def ack(connections: Connections, stream: str, group: str, ids: Sequence[bytes]) -> int:
+    """XACK of ``ids``; returns how many were pending. Packed here: redis-py encodes each
+    argument through its generic encoder and command layer, several times the cost.
+
+    :raises TransportError: mapped from the Redis error
+    """
+    return cast(int, await connections.call([_pack(["XACK", stream, group, *ids])]))
+
+
+def _pack(args: Sequence[bytes | str | int]) -> bytes:
+    """One command in the Redis protocol (RESP), arguments as bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 def _fields(raw: list[bytes] | None) -> dict[bytes, bytes] | None:
@@ -80,10 +169,14 @@ def _fields(raw: list[bytes] | None) -> dict[bytes, bytes] | None:
 
 
 class PackedAppender:
-    """Appends ``(stream, data)`` items over one pooled connection per batch."""
+    """Appends ``(stream, data)`` items over one connection per batch.
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    :param client: loads the script when the server lost it
+    """
+
+    def __init__(self, client: aioredis.Redis, connections: Connections) -> None:
         self.client = client
+        self._connections = connections
         self._sha = hashlib.sha1(scripts.APPEND.encode()).hexdigest().encode()
 
     async def append(self, items: Sequence[tuple[str, bytes]]
@@ -91,8 +184,9 @@ class PackedAppender:
         """Append each ``(stream, data)``, all in one write; per item its id or its error.
 
         Items are grouped by stream into one EVALSHA of the APPEND script each (one key per
-        command, so cluster-safe), packed here rather than through redis-py's pipeline: the
-        client then pays ~1 us per entry instead of ~11 us for an XADD through a pipeline.
+        command, so cluster-safe; a plain XADD for a lone item), packed here rather than
+        through redis-py's pipeline: the client then pays ~1 us per entry instead of ~11 us
+        for an XADD through a pipeline.
         A script error (wrong type, OOM) fails every item of that stream's group.
         """
         if not items:
@@ -116,6 +210,9 @@ class PackedAppender:
         sha = self._sha
         for stream, indexes in groups.items():
             key = stream.encode()
+            if len(indexes) == 1:  # a lone entry: a plain XADD spares Redis the script call
+                parts.append(_pack(["XADD", key, "*", "e", items[indexes[0]][1]]))
+                continue
             parts += (b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n1\r\n$%d\r\n"
                       % (len(indexes) + 4, sha, len(key)), key, b"\r\n")
             for index in indexes:
@@ -123,11 +220,13 @@ class PackedAppender:
                 parts += (b"$%d\r\n" % len(data), data, b"\r\n")
         missing: list[str] = []
         with mapped_errors():
-            async with pooled_connection(self.client) as conn:
+            conn = await self._connections.take()
+            try:
                 await conn.send_packed_command([b"".join(parts)], check_health=False)
                 for stream, indexes in groups.items():
                     try:
-                        ids = cast("list[bytes]", await conn.read_response())
+                        reply = await conn.read_response()
+                        ids = cast("list[bytes]", [reply] if len(indexes) == 1 else reply)
                     except rex.ResponseError as exc:  # this group failed; read the others
                         if isinstance(exc, rex.NoScriptError):
                             missing.append(stream)
@@ -138,4 +237,8 @@ class PackedAppender:
                         continue
                     for index, entry_id in zip(indexes, ids):
                         replies[index] = entry_id
+            except BaseException:  # replies may be left unread on it
+                await self._connections.drop(conn)
+                raise
+            self._connections.give(conn)
         return missing
