@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import inspect
 import logging
@@ -75,6 +76,9 @@ async def run_node(config: CoordinatorConfig, registrations: list[Registration],
     for registration in registrations:
         coordinator.add(registration)
     async with archiving(coordinator, enabled=archive), coordinator:
+        # What startup built (modules, agents, clients) lives as long as the process: moved out
+        # of the collector's reach, a full collection pauses the node for ~0.1 ms, not ~10.
+        gc.freeze()
         agents = ", ".join(sorted({r.agent_id for r in registrations}))
         log.info("node %s ready: agents [%s], concurrency %d", coordinator.node_id, agents,
                  config.delivery.concurrency, extra={"node_id": coordinator.node_id})

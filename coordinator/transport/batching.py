@@ -44,20 +44,27 @@ class AppendBatcher:
 
     async def append(self, stream: str, data: bytes) -> bytes:
         """Append one entry; returns its stream id."""
+        if not self._busy:  # alone: written at once, with nothing to queue or wake
+            self._busy = True
+            try:
+                with anyio.CancelScope(shield=True):  # as a leader's write (see _flush)
+                    result = (await self._write([(stream, data)]))[0]
+            finally:
+                self._hand_over()
+            if isinstance(result, BaseException):
+                raise result
+            return result
         pending = _Pending(stream, data)
         self._queue.append(pending)
-        if self._busy:
-            try:
-                await pending.done.wait()
-            except BaseException:
-                if pending.lead:  # chosen as leader, then cancelled: still lead, shielded
-                    with anyio.CancelScope(shield=True):
-                        await self._lead(pending)
-                raise  # a cancelled follower's entry is still written by the next leader
-            if not pending.lead:
-                return self._outcome(pending)
-        self._busy = True
-        await self._lead(pending)
+        try:
+            await pending.done.wait()
+        except BaseException:
+            if pending.lead:  # chosen as leader, then cancelled: still lead, shielded
+                with anyio.CancelScope(shield=True):
+                    await self._lead(pending)
+            raise  # a cancelled follower's entry is still written by the next leader
+        if pending.lead:
+            await self._lead(pending)
         return self._outcome(pending)
 
     async def _lead(self, pending: _Pending) -> None:
