@@ -31,21 +31,16 @@ class Ledger:
         self.held: dict[bytes, Delivery] = {}
         self._transport = transport
         self._config = config
-        self._plain_acks: list[Delivery] = []
-        self._checked_acks: list[Delivery] = []
+        self._acks: list[Delivery] = []
         self._ack_ready = anyio.Event()
         # Acks of entries held longer than this are checked for ownership first.
         self._safe_ack_ms = min(config.lease_renew_ms, config.heartbeat_ttl_ms // 2)
 
     def queue_ack(self, delivery: Delivery) -> None:
-        """Ack ``delivery`` with the next batch (plain, or ownership-checked if held long)."""
+        """Ack ``delivery`` with the next batch."""
         if delivery.lost:
             return
-        held_ms = now_ms() - delivery.leased_ms
-        if held_ms >= self._safe_ack_ms or self._config.dedup_window_ms:
-            self._checked_acks.append(delivery)
-        else:
-            self._plain_acks.append(delivery)
+        self._acks.append(delivery)
         if not self._ack_ready.is_set():
             self._ack_ready.set()
 
@@ -64,8 +59,16 @@ class Ledger:
     async def flush_acks(self) -> None:
         """Ack everything queued now; refused (taken-over) entries are marked lost."""
         spec, inflight = self.spec, self.held
-        plain, checked = self._plain_acks, self._checked_acks
-        self._plain_acks, self._checked_acks = [], []
+        queued, self._acks = self._acks, []
+        # Entries held long may have been taken over meanwhile: their acks check ownership.
+        # Decided here, with one clock read per batch, rather than per queued ack.
+        now, checked_since = now_ms(), self._safe_ack_ms
+        if self._config.dedup_window_ms:  # every ack also records the message id
+            checked_since = -1
+        plain: list[Delivery] = []
+        checked: list[Delivery] = []
+        for delivery in queued:
+            (checked if now - delivery.leased_ms >= checked_since else plain).append(delivery)
         refused: set[bytes] = set()
         try:
             if plain:
@@ -75,7 +78,7 @@ class Ledger:
                 refused = set(await self._transport.ack_checked(
                     spec.keys.stream, spec.keys.dedup, spec.group, spec.consumer,
                     [(d.entry.id, d.envelope.id if d.envelope else "") for d in checked],
-                    True, self._config.dedup_window_ms, now_ms()))
+                    True, self._config.dedup_window_ms, now))
                 for delivery in checked:
                     if delivery.entry.id in refused:
                         self.stats.refused_acks += 1
@@ -86,8 +89,7 @@ class Ledger:
                 inflight.pop(delivery.entry.id, None)
             return
         except BaseException:  # failed or cancelled mid-flush: keep them for the next flush
-            self._plain_acks[:0] = plain
-            self._checked_acks[:0] = checked
+            self._acks[:0] = queued
             raise
         for delivery in plain:
             inflight.pop(delivery.entry.id, None)
