@@ -1,0 +1,67 @@
+"""The packed commands' own connections: reused while healthy, replaced once they die."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from coordinator.errors import ConnectionLost
+from coordinator.transport import RedisTransport
+
+pytestmark = pytest.mark.anyio
+
+
+async def _kill_clients(url: str) -> None:
+    admin = aioredis.Redis.from_url(url)
+    try:
+        await admin.client_kill_filter(_type="normal", skipme=True)
+    finally:
+        await admin.aclose()
+
+
+async def _client_count(url: str) -> int:
+    admin = aioredis.Redis.from_url(url)
+    try:
+        return len(await admin.client_list(_type="normal")) - 1
+    finally:
+        await admin.aclose()
+
+
+async def test_idle_connections_are_reused_not_reopened(real_transport: RedisTransport,
+                                                        real_server: object) -> None:
+    url = real_server.url  # type: ignore[attr-defined]
+    await real_transport.ensure_group("conns:s", "g")
+    before = await _client_count(url)
+    for n in range(100):
+        await real_transport.add("conns:s", b"%d" % n)
+        entries = await real_transport.read_group("conns:s", "g", "c", 10, None)
+        assert await real_transport.ack("conns:s", "g", [e.id for e in entries]) == 1
+    assert await _client_count(url) - before <= 1
+
+
+async def test_a_killed_connection_fails_one_call_at_most(real_transport: RedisTransport,
+                                                          real_server: object) -> None:
+    url = real_server.url  # type: ignore[attr-defined]
+    await real_transport.ensure_group("conns:k", "g")
+    await real_transport.add("conns:k", b"first")
+    await _kill_clients(url)
+    failures = 0
+    for n in range(5):
+        try:
+            await real_transport.add("conns:k", b"%d" % n)
+        except ConnectionLost:
+            failures += 1
+    assert failures <= 1
+    entries = await real_transport.read_group("conns:k", "g", "c", 100, None)
+    assert len(entries) == 1 + 5 - failures
+    assert await real_transport.ack("conns:k", "g", [e.id for e in entries]) == len(entries)
+
+
+async def test_a_connection_idle_for_long_is_checked_before_use(
+        real_transport: RedisTransport, real_server: object) -> None:
+    url = real_server.url  # type: ignore[attr-defined]
+    await real_transport.add("conns:i", b"first")
+    await _kill_clients(url)
+    await anyio.sleep(1.2)  # idle past the check threshold: the dead socket is noticed
+    assert await real_transport.add("conns:i", b"second")
