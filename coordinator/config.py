@@ -199,13 +199,17 @@ class RedisConfig(msgspec.Struct, frozen=True, kw_only=True):
     :param url: ``redis://[:password@]host:port/db`` (``rediss://`` for TLS, ``unix://``)
     :param password: overrides the password of ``url`` when set
     :param prefix: first part of every key (``kiki``)
+    :param socket_timeout_s: give up on a reply after this long (reads block for less)
+    :param max_connections: connections opened at most, lazily, by each of the two sets: one
+        for reads, acks and appends (each consumer holds one in its blocking read), one for
+        everything else
     """
 
     url: str = "redis://127.0.0.1:6379/0"
     password: str | None = None
     prefix: str = "kiki"
     socket_timeout_s: float = 10.0
-    max_connections: int = 512  # opened lazily; each consumer holds one in its blocking read
+    max_connections: int = 512
 
     def __post_init__(self) -> None:
         check_redis_url("redis.url", self.url)
