@@ -9,10 +9,14 @@ and callback layers, which cost a blocking read tens of microseconds of latency.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from contextlib import AbstractAsyncContextManager
+from typing import Any, NoReturn, cast
 
 import anyio
 import redis.asyncio as aioredis
@@ -33,6 +37,9 @@ class Connections:
     every idle one (they most likely died together, as in a Redis restart); one idle for over
     a second is checked before use, as redis-py's pool checks every time.
 
+    The socket timeout is enforced here, one timer per command: redis-py's costs a task per
+    write (``asyncio.wait_for``) plus a timer per read, and delays each write by a loop pass.
+
     :param pool: whose connection settings (address, password, timeouts, protocol) to use
     :param limit: connections open at most; beyond, callers wait for one to be given back
     """
@@ -40,8 +47,10 @@ class Connections:
     _CHECK_IDLE_S = 1.0
 
     def __init__(self, pool: aioredis.ConnectionPool, limit: int) -> None:
-        self._make = cast(Callable[[], AbstractConnection],
-                          pool.make_connection)  # unannotated in redis-py
+        settings = dict(pool.connection_kwargs)
+        self._timeout_s: float | None = settings.pop("socket_timeout", None)
+        self._make = cast(Callable[[], AbstractConnection], functools.partial(
+            pool.connection_class, **settings, socket_timeout=None))
         self._limit = limit
         self._idle: list[tuple[AbstractConnection, float]] = []
         self._open: set[AbstractConnection] = set()
@@ -97,24 +106,39 @@ class Connections:
         for conn in conns:
             await conn.disconnect()
 
-    async def call(self, packed: list[bytes]) -> Any:
-        """Send one hand-packed command and return its reply.
+    def deadline(self, wait_s: float = 0.0) -> AbstractAsyncContextManager[object]:
+        """The time limit of one exchange; ``wait_s``: how long the server may hold the reply
+        on purpose (a blocking read)."""
+        if self._timeout_s is None:
+            return contextlib.nullcontext()
+        return asyncio.timeout(self._timeout_s + wait_s)
+
+    async def drop_after(self, conn: AbstractConnection, exc: BaseException) -> NoReturn:
+        """Drop ``conn`` after a failed exchange (replies may be left unread on it) and raise
+        ``exc``, a timeout as redis-py's own."""
+        await self.drop(conn)
+        if isinstance(exc, TimeoutError):
+            raise rex.TimeoutError(f"no reply within {self._timeout_s:g} s") from None
+        raise exc
+
+    async def call(self, packed: list[bytes], wait_s: float = 0.0) -> Any:
+        """Send one hand-packed command and return its reply (see :meth:`deadline`).
 
         :raises TransportError: mapped from the Redis error (NOGROUP, connection lost...)
         """
         with mapped_errors():
             conn = await self.take()
             try:
-                await conn.send_packed_command(packed, check_health=False)
-                try:
-                    reply = await conn.read_response()
-                except rex.ResponseError as exc:  # read in full: the connection stays usable
-                    error: rex.ResponseError | None = exc
-                else:
-                    error = None
-            except BaseException:  # replies may be left unread on it
-                await self.drop(conn)
-                raise
+                async with self.deadline(wait_s):
+                    await conn.send_packed_command(packed, check_health=False)
+                    try:
+                        reply = await conn.read_response()
+                    except rex.ResponseError as exc:  # read in full: the connection is fine
+                        error: rex.ResponseError | None = exc
+                    else:
+                        error = None
+            except BaseException as exc:
+                await self.drop_after(conn, exc)
             self.give(conn)
             if error is not None:
                 raise error
@@ -132,7 +156,7 @@ async def read_group(connections: Connections, stream: str, group: str, consumer
     if block_ms is not None:
         args += ["BLOCK", block_ms]
     args += ["STREAMS", stream, after]
-    reply = await connections.call([_pack(args)])
+    reply = await connections.call([_pack(args)], 0.0 if block_ms is None else block_ms / 1000)
     if not reply:
         return []
     # RESP3 (redis-py's default from 8.0) sends a map stream -> rows, RESP2 [[stream, rows]].
@@ -222,23 +246,23 @@ class PackedAppender:
         with mapped_errors():
             conn = await self._connections.take()
             try:
-                await conn.send_packed_command([b"".join(parts)], check_health=False)
-                for stream, indexes in groups.items():
-                    try:
-                        reply = await conn.read_response()
-                        ids = cast("list[bytes]", [reply] if len(indexes) == 1 else reply)
-                    except rex.ResponseError as exc:  # this group failed; read the others
-                        if isinstance(exc, rex.NoScriptError):
-                            missing.append(stream)
+                async with self._connections.deadline():
+                    await conn.send_packed_command([b"".join(parts)], check_health=False)
+                    for stream, indexes in groups.items():
+                        try:
+                            reply = await conn.read_response()
+                            ids = cast("list[bytes]", [reply] if len(indexes) == 1 else reply)
+                        except rex.ResponseError as exc:  # this group failed; read the others
+                            if isinstance(exc, rex.NoScriptError):
+                                missing.append(stream)
+                                continue
+                            error = mapped_error(exc)
+                            for index in indexes:
+                                replies[index] = error
                             continue
-                        error = mapped_error(exc)
-                        for index in indexes:
-                            replies[index] = error
-                        continue
-                    for index, entry_id in zip(indexes, ids):
-                        replies[index] = entry_id
-            except BaseException:  # replies may be left unread on it
-                await self._connections.drop(conn)
-                raise
+                        for index, entry_id in zip(indexes, ids):
+                            replies[index] = entry_id
+            except BaseException as exc:
+                await self._connections.drop_after(conn, exc)
             self._connections.give(conn)
         return missing

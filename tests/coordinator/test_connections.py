@@ -6,6 +6,7 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
+from coordinator.config import RedisConfig
 from coordinator.errors import ConnectionLost
 from coordinator.transport import RedisTransport
 
@@ -65,3 +66,24 @@ async def test_a_connection_idle_for_long_is_checked_before_use(
     await _kill_clients(url)
     await anyio.sleep(1.2)  # idle past the check threshold: the dead socket is noticed
     assert await real_transport.add("conns:i", b"second")
+
+
+async def test_no_reply_within_the_socket_timeout_fails_the_call_and_not_the_next(
+        real_server: object) -> None:
+    url = real_server.url  # type: ignore[attr-defined]
+    transport = await RedisTransport.connect(RedisConfig(url=url, socket_timeout_s=0.3))
+    admin = aioredis.Redis.from_url(url)
+    try:
+        await transport.ensure_group("conns:t", "g")
+        # A blocking read may outlast the socket timeout by the time it asked to block.
+        with anyio.fail_after(5):
+            assert await transport.read_group("conns:t", "g", "c", 10, 600) == []
+        await admin.execute_command("CLIENT", "PAUSE", 1000, "WRITE")
+        with pytest.raises(ConnectionLost, match="no reply within 0.3 s"):
+            await transport.add("conns:t", b"paused")
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        assert await transport.add("conns:t", b"after")
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.aclose()
+        await transport.close()
