@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from coordinator.config import RedisConfig
 from coordinator.errors import ConnectionLost
 from coordinator.transport import RedisTransport
+from coordinator.transport.redis_packed import Connections
 
 pytestmark = pytest.mark.anyio
 
@@ -87,3 +88,25 @@ async def test_no_reply_within_the_socket_timeout_fails_the_call_and_not_the_nex
         await admin.execute_command("CLIENT", "UNPAUSE")
         await admin.aclose()
         await transport.close()
+
+
+async def test_callers_over_the_limit_wait_for_a_connection(real_server: object) -> None:
+    url = real_server.url  # type: ignore[attr-defined]
+    client = aioredis.Redis.from_url(url)
+    connections = Connections(client.connection_pool, limit=1)
+    replies: list[object] = []
+    before = await _client_count(url)
+
+    async def ping() -> None:
+        replies.append(await connections.call([b"*1\r\n$4\r\nPING\r\n"]))
+
+    try:
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(ping)
+        assert len(replies) == 10 and all(r in (b"PONG", "PONG", True) for r in replies)
+        assert await _client_count(url) - before == 1
+    finally:
+        await connections.close()
+        await client.aclose()
