@@ -14,6 +14,7 @@ token is dropped and counted. A client on any host follows a session with :func:
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,7 +26,7 @@ import msgspec
 
 from .envelope import AgentEvent
 from .errors import TransportError
-from .events import read_events
+from .events import AgentEventType, read_events
 from .publishing import BufferedPublisher
 from .registry import now_ms
 from .tailing import last_id, tail
@@ -35,6 +36,8 @@ __all__ = ["Token", "TokenPublisher", "SessionItem", "TOKENS_MAXLEN", "TOKENS_TT
            "follow_session", "read_tokens", "stream_id_key"]
 
 log = logging.getLogger(__name__)
+
+_STARTED = AgentEventType.STARTED.value
 
 #: Entries a session's token stream keeps (approximately: Redis trims whole nodes).
 TOKENS_MAXLEN = 10_000
@@ -164,6 +167,17 @@ class SessionItem(NamedTuple):
     item: AgentEvent | Token
 
 
+def _time_order(item: SessionItem) -> tuple[int, int]:
+    """Items of the two streams interleave by when they were made, not by when Redis appended
+    them: a handler's started event, tokens and completed event come in the order it made
+    them, whichever publisher reached Redis first. Within one millisecond a started event
+    comes before tokens and other events after them. Merged, each stream keeps its order."""
+    made = item.item.created_ms or stream_id_key(item.item.stream_id)[0]
+    if isinstance(item.item, Token):
+        return made, 1
+    return made, 0 if item.item.type == _STARTED else 2
+
+
 @asynccontextmanager
 async def follow_session(transport: StreamTransport, events_key: str, tokens_key: str | None,
                          session_id: str, *, events_after: bytes | None,
@@ -213,7 +227,7 @@ async def follow_session(transport: StreamTransport, events_key: str, tokens_key
                 tokens = [i async for i in session_tokens(tokens_from, False)]
                 if tokens:
                     tokens_from = tokens[-1].item.stream_id.encode()
-                stored = sorted(stored + tokens, key=lambda i: stream_id_key(i.item.stream_id))
+                stored = list(heapq.merge(stored, tokens, key=_time_order))
             for item in stored:
                 await send.send(item)
             if not follow:
