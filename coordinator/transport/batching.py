@@ -1,9 +1,10 @@
-"""Coalesces concurrent single appends into one round trip.
+"""Coalesces concurrent appends into one round trip.
 
-Many tasks calling ``send`` at once would each pay a full round trip and redis-py's per-command
-overhead. Here the first caller becomes the leader and writes every append queued so far in one
-packed batch; callers arriving meanwhile wait and are written by the next leader (the first of
-them). A lone caller is written at once, so nothing waits for a timer.
+Many tasks calling ``send`` (or ``send_many``) at once would each pay a full round trip and
+redis-py's per-command overhead. Here the first caller becomes the leader and writes every
+append queued so far in one packed batch; callers arriving meanwhile wait and are written by
+the next leader (the first of them). A lone caller is written at once, so nothing waits for a
+timer.
 """
 
 from __future__ import annotations
@@ -12,28 +13,29 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
+Outcome = bytes | BaseException  # the new entry id, or why that entry was not appended
+
 
 class _Pending:
-    __slots__ = ("stream", "data", "done", "result", "error", "lead")
+    __slots__ = ("stream", "datas", "done", "outcomes", "lead")
 
-    def __init__(self, stream: str, data: bytes) -> None:
+    def __init__(self, stream: str, datas: Sequence[bytes]) -> None:
         self.stream = stream
-        self.data = data
+        self.datas = datas
         self.done = anyio.Event()
-        self.result: bytes | None = None
-        self.error: BaseException | None = None
+        self.outcomes: list[Outcome] = []
         self.lead = False
 
 
-Writer = Callable[[Sequence[tuple[str, bytes]]], Awaitable[list[bytes | BaseException]]]
+Writer = Callable[[Sequence[tuple[str, bytes]]], Awaitable[list[Outcome]]]
 
 
 class AppendBatcher:
-    """Batches ``append(stream, data)`` calls of concurrent tasks.
+    """Batches the appends of concurrent tasks.
 
     :param write: writes ``(stream, data)`` pairs in one round trip and returns, per pair, the
         new id or the error for that pair; raising means the whole batch failed
-    :param max_batch: most appends per round trip
+    :param max_batch: most entries per round trip (one caller's entries are never split)
     """
 
     def __init__(self, write: Writer, max_batch: int = 1000) -> None:
@@ -44,17 +46,23 @@ class AppendBatcher:
 
     async def append(self, stream: str, data: bytes) -> bytes:
         """Append one entry; returns its stream id."""
+        outcome = (await self.append_many(stream, [data]))[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def append_many(self, stream: str, datas: Sequence[bytes]) -> list[Outcome]:
+        """Append entries to one stream, in order; per entry its id or its error."""
+        if not datas:
+            return []
         if not self._busy:  # alone: written at once, with nothing to queue or wake
             self._busy = True
             try:
                 with anyio.CancelScope(shield=True):  # as a leader's write (see _flush)
-                    result = (await self._write([(stream, data)]))[0]
+                    return await self._outcomes([(stream, data) for data in datas])
             finally:
                 self._hand_over()
-            if isinstance(result, BaseException):
-                raise result
-            return result
-        pending = _Pending(stream, data)
+        pending = _Pending(stream, datas)
         self._queue.append(pending)
         try:
             await pending.done.wait()
@@ -62,10 +70,16 @@ class AppendBatcher:
             if pending.lead:  # chosen as leader, then cancelled: still lead, shielded
                 with anyio.CancelScope(shield=True):
                     await self._lead(pending)
-            raise  # a cancelled follower's entry is still written by the next leader
+            raise  # a cancelled follower's entries are still written by the next leader
         if pending.lead:
             await self._lead(pending)
-        return self._outcome(pending)
+        return pending.outcomes
+
+    async def _outcomes(self, items: list[tuple[str, bytes]]) -> list[Outcome]:
+        try:
+            return await self._write(items)
+        except BaseException as exc:  # reported for each entry, raised by each caller
+            return [exc] * len(items)
 
     async def _lead(self, pending: _Pending) -> None:
         try:
@@ -75,28 +89,24 @@ class AppendBatcher:
         finally:
             self._hand_over()
 
-    @staticmethod
-    def _outcome(pending: _Pending) -> bytes:
-        if pending.error is not None:
-            raise pending.error
-        assert pending.result is not None
-        return pending.result
-
     async def _flush(self) -> None:
-        batch = self._queue[: self._max_batch]
-        del self._queue[: len(batch)]
+        taken, entries = 0, 0
+        for queued in self._queue:
+            if taken and entries + len(queued.datas) > self._max_batch:
+                break
+            taken += 1
+            entries += len(queued.datas)
+        batch = self._queue[:taken]
+        del self._queue[:taken]
         # Shielded: once written, every caller in the batch must learn its outcome even if
         # the leader is cancelled meanwhile.
         with anyio.CancelScope(shield=True):
-            try:
-                results = await self._write([(p.stream, p.data) for p in batch])
-            except BaseException as exc:  # reported to each caller, re-raised by each
-                results = [exc] * len(batch)
-        for pending, result in zip(batch, results):
-            if isinstance(result, BaseException):
-                pending.error = result
-            else:
-                pending.result = result
+            outcomes = await self._outcomes(
+                [(p.stream, data) for p in batch for data in p.datas])
+        start = 0
+        for pending in batch:
+            pending.outcomes = outcomes[start:start + len(pending.datas)]
+            start += len(pending.datas)
             pending.done.set()
 
     def _hand_over(self) -> None:

@@ -109,7 +109,8 @@ class RedisTransport:
 
     async def add_many(self, stream: str, datas: Sequence[bytes]) -> list[bytes]:
         """Append many entries to one stream in one round trip."""
-        replies = await self._appender.append([(stream, data) for data in datas])
+        # Concurrent callers share round trips, as with add.
+        replies = await self._appends.append_many(stream, datas)
         for reply in replies:
             if isinstance(reply, BaseException):
                 raise reply

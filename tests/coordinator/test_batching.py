@@ -93,3 +93,22 @@ async def test_cancelled_callers_never_stall_the_others() -> None:
     with anyio.fail_after(2):
         assert await batcher.append("s", b"after") == b"after-0"
     assert sorted(done) == list(range(10))
+
+
+async def test_concurrent_append_many_callers_share_round_trips_in_order() -> None:
+    writer = FakeWriter()
+    batcher = AppendBatcher(writer, max_batch=50)
+    results: dict[int, list[object]] = {}
+
+    async def many(k: int) -> None:
+        results[k] = await batcher.append_many(f"s{k}", [b"%d.%d" % (k, i) for i in range(7)])
+
+    async with anyio.create_task_group() as tg:
+        for k in range(30):
+            tg.start_soon(many, k)
+    for k, ids in results.items():  # each caller gets its own entries' ids, in its order
+        assert [bytes(r).rsplit(b"-", 1)[0] for r in ids] == [b"%d.%d" % (k, i) for i in range(7)]
+    assert len(writer.batches) < 30  # shared round trips
+    assert all(len(b) <= 50 for b in writer.batches[1:])  # one caller's entries never split
+    assert sorted(results) == list(range(30))
+    assert await batcher.append_many("s", []) == []
