@@ -89,8 +89,12 @@ async def node_producer(opts: argparse.Namespace) -> None:
             for i in range(start, end):
                 by_agent.setdefault(agents[i % len(agents)], []).append(
                     payload_for(opts, filler, i))
-            for agent, payloads in by_agent.items():
-                await coordinator.send_many(agent, payloads)
+            if len(by_agent) == 1:
+                await coordinator.send_many(agents[0], by_agent[agents[0]])
+                return
+            async with anyio.create_task_group() as tg:  # as an application would: at once
+                for agent, payloads in by_agent.items():
+                    tg.start_soon(coordinator.send_many, agent, payloads)
 
         cpu0, t_first = cpu_s(), time.time()
         if opts.rate:

@@ -3,7 +3,8 @@
 - 1, 2 and 4 ``coordinator node`` processes serving one agent;
 - one node serving 10 and 100 agents, the producer sending round robin over them.
 
-The producer is one process calling ``MultiAgentCoordinator.send_many`` in batches of 500. Reported:
+The producer is one process calling ``MultiAgentCoordinator.send_many`` in batches of 500 (split
+by agent, the parts sent concurrently, so they share round trips). Reported:
 throughput (first send -> every entry acked) and how much Redis ``used_memory`` grew while
 the run's messages sit in the streams (they are kept until retention trims them).
 """
