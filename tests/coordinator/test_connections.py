@@ -7,9 +7,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from coordinator.config import RedisConfig
-from coordinator.errors import ConnectionLost
+from coordinator.errors import ConnectionLost, TransportError
 from coordinator.transport import RedisTransport
-from coordinator.transport.redis_packed import Connections
+from coordinator.transport.redis_packed import LARGE_ENTRY_BYTES, Connections, PackedAppender
 
 pytestmark = pytest.mark.anyio
 
@@ -107,6 +107,33 @@ async def test_callers_over_the_limit_wait_for_a_connection(real_server: object)
                     tg.start_soon(ping)
         assert len(replies) == 10 and all(r in (b"PONG", "PONG", True) for r in replies)
         assert await _client_count(url) - before == 1
+    finally:
+        await connections.close()
+        await client.aclose()
+
+
+async def test_appends_of_large_and_small_entries_report_each_outcome(
+        real_server: object) -> None:
+    url = real_server.url  # type: ignore[attr-defined]
+    client = aioredis.Redis.from_url(url)
+    connections = Connections(client.connection_pool, limit=4)
+    appender = PackedAppender(client, connections)
+    await client.delete("conns:big", "conns:small", "conns:notastream")
+    await client.set("conns:notastream", "x")
+    big = b"b" * LARGE_ENTRY_BYTES
+    items = [("conns:big", big), ("conns:notastream", big), ("conns:small", b"s1"),
+             ("conns:big", big + b"2"), ("conns:notastream", big), ("conns:small", b"s2")]
+    try:
+        outcomes = await appender.append(items)
+        assert [isinstance(o, TransportError) for o in outcomes] == [
+            False, True, False, False, True, False]
+        assert [fields[b"e"] for _, fields in await client.xrange("conns:big")] == [
+            big, big + b"2"]  # one XADD each, in order
+        assert [fields[b"e"] for _, fields in await client.xrange("conns:small")] == [
+            b"s1", b"s2"]  # one script call
+        # The connection is still in step: the next exchange reads its own reply.
+        assert await appender.append([("conns:small", b"s3")]) != [b""]
+        assert await client.xlen("conns:small") == 3
     finally:
         await connections.close()
         await client.aclose()
