@@ -16,7 +16,6 @@ import functools
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
 from typing import Any, NoReturn, cast
 
 import anyio
@@ -119,7 +118,7 @@ class Connections:
         for conn in conns:
             await conn.disconnect()
 
-    def deadline(self, wait_s: float = 0.0) -> AbstractAsyncContextManager[object]:
+    def deadline(self, wait_s: float = 0.0) -> contextlib.AbstractAsyncContextManager[object]:
         """The time limit of one exchange; ``wait_s``: how long the server may hold the reply
         on purpose (a blocking read)."""
         if self._timeout_s is None:
