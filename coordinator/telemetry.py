@@ -177,6 +177,12 @@ class Telemetry:
         self._check_providers()
         return self._tracing
 
+    @property
+    def metering(self) -> bool:
+        """Whether measurements would be recorded (a meter provider other than the no-op one).
+        Call after :attr:`active`, which refreshes what is known of the global providers."""
+        return HAVE_OTEL and self._metering
+
     def _check_providers(self) -> None:
         now = time.monotonic()
         if now >= self._active_checked_at + 1.0:  # the provider lookups cost ~2 us: cache 1 s
