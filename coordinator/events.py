@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from .agent import Message
 
 __all__ = ["EVENTS_TOPIC", "AgentEvent", "AgentEventType", "EventPublisher", "after_id",
-           "event_envelope", "events_of", "make_event", "matches", "read_events", "unpack"]
+           "event_envelope", "events_of", "is_position", "make_event", "matches", "read_events",
+           "unpack"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ EVENTS_TOPIC = "{events}"
 #: The largest sequence number of a stream id: ``ms-MAX`` is the last id of a millisecond.
 _MAX_SEQ = 18446744073709551615
 _POSITION = re.compile(r"^\d+-\d+(\.\d+)?$")
+
+
+def is_position(text: str) -> bool:
+    """Whether ``text`` is an event's position: ``ms-seq``, or ``ms-seq.i`` inside a batch."""
+    return _POSITION.match(text) is not None
 
 
 class AgentEventType(StrEnum):
@@ -191,7 +197,7 @@ def after_id(since: str | int | None) -> bytes | None:
     text = since.strip()
     if text in ("0", "0-0", "-"):
         return b"0-0"
-    if _POSITION.match(text):
+    if is_position(text):
         return text.encode()
     if text.isdigit():
         return _before_ms(int(text))

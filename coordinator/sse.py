@@ -47,7 +47,7 @@ from starlette.routing import Route
 
 from .config import CoordinatorConfig
 from .errors import ConfigError, CoordinatorError
-from .events import after_id
+from .events import after_id, is_position
 from .keys import Keys
 from .tailing import last_id
 from .tokens import follow_session
@@ -58,7 +58,6 @@ __all__ = ["create_app", "format_cursor", "parse_cursor", "run_server"]
 log = logging.getLogger(__name__)
 
 _STREAM_ID = re.compile(r"^\d+-\d+$")
-_EVENTS_POSITION = re.compile(r"^\d+-\d+(\.\d+)?$")  # an event inside a batch entry: .i
 _TOKENS_PREFIX = "t:"
 
 
@@ -79,7 +78,7 @@ def parse_cursor(last_event_id: str) -> Cursor:
     for part in last_event_id.strip().split("|"):
         if part.startswith(_TOKENS_PREFIX) and _STREAM_ID.match(part[len(_TOKENS_PREFIX):]):
             tokens = part[len(_TOKENS_PREFIX):].encode()
-        elif _EVENTS_POSITION.match(part) and events is None:
+        elif is_position(part) and events is None:
             events = part.encode()
         else:
             raise ConfigError(f"Last-Event-ID {last_event_id!r}: expected '<stream id>' or "

@@ -265,10 +265,6 @@ class Telemetry:
         """The CONSUMER span and timing of one handler run (a context manager)."""
         return Processing(self, delivery, agent_id, topic)
 
-    def _context_of(self, envelope: Envelope) -> object:
-        """The sender's trace context of ``envelope`` (an empty context without one)."""
-        return self._parent_of(envelope)[0]
-
     def _parent_of(self, envelope: Envelope) -> tuple[object, bool | None]:
         """The sender's trace context of ``envelope`` and whether its trace is sampled
         (None without a valid one: the handler span is then a root span)."""

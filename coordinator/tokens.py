@@ -134,8 +134,6 @@ def make_token(text: str, session_id: str, *, agent_id: str | None = None,
                  message_id=message_id, run_id=run_id, created_ms=now_ms())
 
 
-
-
 async def read_tokens(transport: StreamTransport, stream: str, *, after: bytes | None,
                       follow: bool, block_ms: int = 1_000, count: int = 1_000
                       ) -> AsyncIterator[Token]:

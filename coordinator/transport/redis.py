@@ -147,11 +147,11 @@ class RedisTransport:
 
     async def read_group(self, stream: str, group: str, consumer: str, count: int,
                          block_ms: int | None, history_after: bytes | None = None) -> list[Entry]:
-        if history_after is None:
+        if history_after is None:  # new entries, blocking
             return await read_group(self._connections, stream, group, consumer, count,
                                     block_ms, b">")
-        return await read_group(self._connections, stream, group, consumer, count, None,
-                                history_after)
+        return await read_group(self._connections, stream, group, consumer, count,
+                                None, history_after)
 
     async def ack(self, stream: str, group: str, ids: Sequence[bytes]) -> int:
         return await ack(self._connections, stream, group, ids)

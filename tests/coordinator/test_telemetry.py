@@ -577,13 +577,13 @@ def test_trace_context_is_read_back_from_the_envelope(otel: Otel) -> None:
     with tracer.start_as_current_span("outer") as outer:
         fields = telemetry.trace_fields()
     envelope = make_envelope("a", 1, traceparent=fields["traceparent"], tracestate="k=v")
-    parent = trace.get_current_span(telemetry._context_of(envelope)).get_span_context()
+    parent = trace.get_current_span(telemetry._parent_of(envelope)[0]).get_span_context()
     assert parent.span_id == outer.get_span_context().span_id and parent.is_remote
     assert parent.trace_state.get("k") == "v"
     for bad in ("garbage", "00-" + "0" * 32 + "-" + "0" * 16 + "-01", "00-zz-yy-01"):
         envelope = make_envelope("a", 1, traceparent=bad)
         assert not trace.get_current_span(
-            telemetry._context_of(envelope)).get_span_context().is_valid
+            telemetry._parent_of(envelope)[0]).get_span_context().is_valid
 
 
 def test_messages_sent_together_and_apart_keep_their_own_parents(otel: Otel) -> None:
@@ -600,10 +600,10 @@ def test_messages_sent_together_and_apart_keep_their_own_parents(otel: Otel) -> 
     # the latest sender is reused; it must never leak onto another sender's message).
     for span_id, fields in [senders[0], senders[0], senders[1], senders[0]]:
         envelope = make_envelope("a", 1, **fields)
-        parent = trace.get_current_span(telemetry._context_of(envelope)).get_span_context()
+        parent = trace.get_current_span(telemetry._parent_of(envelope)[0]).get_span_context()
         assert parent.span_id == span_id
     stated = make_envelope("a", 1, traceparent=senders[0][1]["traceparent"], tracestate="k=v")
-    parent = trace.get_current_span(telemetry._context_of(stated)).get_span_context()
+    parent = trace.get_current_span(telemetry._parent_of(stated)[0]).get_span_context()
     assert parent.trace_state.get("k") == "v"
 
 
