@@ -6,6 +6,9 @@ For these fixed command shapes, packing the commands here rather than through re
 pipeline, and appending a whole batch per script call, costs the client ~1 us per entry
 instead of ~11 us for one XADD each through a pipeline; a read skips redis-py's retry, parse
 and callback layers, which cost a blocking read tens of microseconds of latency.
+
+Acks and appends sent while a blocking read is about to go out ride along with it, in the same
+write (:meth:`Connections.call_blocking`).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class Connections:
         self._open: set[AbstractConnection] = set()
         self._given_back = anyio.Event()
         self._waiting = 0  # callers waiting for a connection (at the limit)
+        self._riders: list[_Rider] | None = None  # while a blocking read gathers
 
     async def take(self) -> AbstractConnection:
         """An idle connection, or a new one (connected by its first command)."""
@@ -133,28 +137,136 @@ class Connections:
             raise rex.TimeoutError(f"no reply within {self._timeout_s:g} s") from None
         raise exc
 
-    async def call(self, packed: list[bytes], wait_s: float = 0.0) -> Any:
-        """Send one hand-packed command and return its reply (see :meth:`deadline`).
+    async def call(self, packed: bytes) -> Any:
+        """Send one hand-packed command and return its reply (see :meth:`exchange`).
 
         :raises TransportError: mapped from the Redis error (NOGROUP, connection lost...)
         """
+        reply = (await self.exchange(packed))[0]
+        if isinstance(reply, rex.ResponseError):
+            with mapped_errors():
+                raise reply
+        return reply
+
+    async def exchange(self, packed: bytes, count: int = 1) -> list[Any]:
+        """Send ``count`` commands packed together; their replies in order, an error reply
+        as its ``ResponseError`` (read in full: the connection stays in step).
+
+        While a blocking read gathers (:meth:`call_blocking`) they are written ahead of it.
+
+        :raises TransportError: the exchange failed (connection lost, no reply in time)
+        """
+        riders = self._riders
+        if riders is not None:
+            rider = _Rider(packed, count, asyncio.get_running_loop().create_future())
+            riders.append(rider)
+            with mapped_errors():
+                replies = await rider.replies
+            if replies is not _ALONE:
+                return cast("list[Any]", replies)
+        return await self._exchange(packed, count)
+
+    async def call_blocking(self, packed: bytes, wait_s: float) -> Any:
+        """Send one command the server may hold for up to ``wait_s`` (a blocking read) and
+        return its reply.
+
+        It is sent after one pass of the event loop, and what other tasks send meanwhile
+        (:meth:`exchange`) goes in the same write, ahead of it: handlers that just ran have
+        readied their acks and lifecycle events, and at low rates this spares each its own
+        round trip (a write, and a wake-up of the server and of this process).
+
+        :raises TransportError: mapped from the Redis error (NOGROUP, connection lost...)
+        """
+        if self._riders is not None:  # another read gathers: one blocking read a connection
+            reply = (await self._exchange(packed, 1, wait_s))[0]
+        else:
+            reply = await self._gather_and_call(packed, wait_s)
+        if isinstance(reply, rex.ResponseError):
+            with mapped_errors():
+                raise reply
+        return reply
+
+    async def _gather_and_call(self, packed: bytes, wait_s: float) -> Any:
+        riders: list[_Rider] = []
+        self._riders = riders
+        with mapped_errors():
+            try:
+                await asyncio.sleep(0)  # the pass in which others join
+                self._riders = None
+                conn = await self.take()
+            except BaseException:
+                self._riders = None
+                for rider in riders:  # nothing of theirs was sent: they send on their own
+                    if not rider.replies.done():
+                        rider.replies.set_result(_ALONE)
+                raise
+            try:
+                if riders:
+                    async with self.deadline():
+                        await conn.send_packed_command([*(r.packed for r in riders), packed],
+                                                       check_health=False)
+                        for rider in riders:
+                            replies = await _read(conn, rider.count)
+                            if not rider.replies.done():  # else its caller was cancelled
+                                rider.replies.set_result(replies)
+                else:
+                    await conn.send_packed_command(packed, check_health=False)
+                async with self.deadline(wait_s):
+                    reply = (await _read(conn, 1))[0]
+            except BaseException as exc:
+                failure = self._failure(exc)
+                for rider in riders:
+                    if not rider.replies.done():
+                        rider.replies.set_exception(failure)
+                await self.drop_after(conn, exc)
+            self.give(conn)
+        return reply
+
+    async def _exchange(self, packed: bytes, count: int, wait_s: float = 0.0) -> list[Any]:
+        """:meth:`exchange` on a connection of its own."""
         with mapped_errors():
             conn = await self.take()
             try:
                 async with self.deadline(wait_s):
                     await conn.send_packed_command(packed, check_health=False)
-                    try:
-                        reply = await conn.read_response()
-                    except rex.ResponseError as exc:  # read in full: the connection is fine
-                        error: rex.ResponseError | None = exc
-                    else:
-                        error = None
+                    replies = await _read(conn, count)
             except BaseException as exc:
                 await self.drop_after(conn, exc)
             self.give(conn)
-            if error is not None:
-                raise error
-        return reply
+        return replies
+
+    def _failure(self, exc: BaseException) -> BaseException:
+        """What the riders of a failed exchange are told: their commands were sent, their
+        replies are unknown."""
+        if isinstance(exc, TimeoutError):
+            return rex.TimeoutError(f"no reply within {self._timeout_s:g} s")
+        if isinstance(exc, rex.RedisError | OSError):
+            return exc
+        return rex.ConnectionError("the connection was closed before the reply was read")
+
+
+class _Rider:
+    """Commands written ahead of a blocking read; the reading task reads their replies."""
+
+    __slots__ = ("packed", "count", "replies")
+
+    def __init__(self, packed: bytes, count: int, replies: asyncio.Future[object]) -> None:
+        self.packed, self.count, self.replies = packed, count, replies
+
+
+#: A rider's replies when the read it waited for was cancelled before sending anything.
+_ALONE = object()
+
+
+async def _read(conn: AbstractConnection, count: int) -> list[Any]:
+    """The next ``count`` replies; an error reply as its ``ResponseError``."""
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(await conn.read_response())
+        except rex.ResponseError as exc:  # read in full: the connection is fine
+            replies.append(exc)
+    return replies
 
 
 async def read_group(connections: Connections, stream: str, group: str, consumer: str,
@@ -168,7 +280,10 @@ async def read_group(connections: Connections, stream: str, group: str, consumer
     if block_ms is not None:
         args += ["BLOCK", block_ms]
     args += ["STREAMS", stream, after]
-    reply = await connections.call([_pack(args)], 0.0 if block_ms is None else block_ms / 1000)
+    if block_ms is None:
+        reply = await connections.call(_pack(args))
+    else:
+        reply = await connections.call_blocking(_pack(args), block_ms / 1000)
     if not reply:
         return []
     # RESP3 (redis-py's default from 8.0) sends a map stream -> rows, RESP2 [[stream, rows]].
@@ -184,7 +299,7 @@ async def ack(connections: Connections, stream: str, group: str, ids: Sequence[b
 
     :raises TransportError: mapped from the Redis error
     """
-    return cast(int, await connections.call([_pack(["XACK", stream, group, *ids])]))
+    return cast(int, await connections.call(_pack(["XACK", stream, group, *ids])))
 
 
 def _large(items: Sequence[tuple[str, bytes]], indexes: list[int]) -> bool:
@@ -265,33 +380,24 @@ class PackedAppender:
             for index in indexes:
                 data = items[index][1]
                 parts += (b"$%d\r\n" % len(data), data, b"\r\n")
+        count = sum(len(groups[stream]) if stream in one_each else 1 for stream in groups)
+        replies_in_order = iter(await self._connections.exchange(b"".join(parts), count))
         missing: list[str] = []
-        with mapped_errors():
-            conn = await self._connections.take()
-            try:
-                async with self._connections.deadline():
-                    await conn.send_packed_command([b"".join(parts)], check_health=False)
-                    for stream, indexes in groups.items():
-                        if stream in one_each:  # a reply per entry
-                            for index in indexes:
-                                try:
-                                    replies[index] = await conn.read_response()
-                                except rex.ResponseError as exc:
-                                    replies[index] = mapped_error(exc)
-                            continue
-                        try:
-                            ids = cast("list[bytes]", await conn.read_response())
-                        except rex.ResponseError as exc:  # this group failed; read the others
-                            if isinstance(exc, rex.NoScriptError):
-                                missing.append(stream)
-                                continue
-                            error = mapped_error(exc)
-                            for index in indexes:
-                                replies[index] = error
-                            continue
-                        for index, entry_id in zip(indexes, ids):
-                            replies[index] = entry_id
-            except BaseException as exc:
-                await self._connections.drop_after(conn, exc)
-            self._connections.give(conn)
+        for stream, indexes in groups.items():
+            if stream in one_each:  # a reply per entry
+                for index in indexes:
+                    reply = next(replies_in_order)
+                    replies[index] = (mapped_error(reply) if isinstance(reply, rex.ResponseError)
+                                      else reply)
+                continue
+            reply = next(replies_in_order)
+            if isinstance(reply, rex.NoScriptError):
+                missing.append(stream)
+            elif isinstance(reply, rex.ResponseError):  # this group failed
+                error = mapped_error(reply)
+                for index in indexes:
+                    replies[index] = error
+            else:
+                for index, entry_id in zip(indexes, reply):
+                    replies[index] = entry_id
         return missing

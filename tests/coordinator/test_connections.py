@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
 import anyio
 import pytest
 import redis.asyncio as aioredis
@@ -9,7 +13,14 @@ import redis.asyncio as aioredis
 from coordinator.config import RedisConfig
 from coordinator.errors import ConnectionLost, TransportError
 from coordinator.transport import RedisTransport
-from coordinator.transport.redis_packed import LARGE_ENTRY_BYTES, Connections, PackedAppender
+from coordinator.transport import Entry
+from coordinator.transport.redis_packed import (
+    LARGE_ENTRY_BYTES,
+    Connections,
+    PackedAppender,
+    _pack,
+    read_group,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -28,6 +39,19 @@ async def _client_count(url: str) -> int:
         return len(await admin.client_list(_type="normal")) - 1
     finally:
         await admin.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _own_connections(url: str, limit: int
+                           ) -> AsyncIterator[tuple[aioredis.Redis, Connections]]:
+    """A client, and a set of packed-command connections using its pool's settings."""
+    client = aioredis.Redis.from_url(url)
+    connections = Connections(client.connection_pool, limit=limit)
+    try:
+        yield client, connections
+    finally:
+        await connections.close()
+        await client.aclose()
 
 
 async def test_idle_connections_are_reused_not_reopened(real_transport: RedisTransport,
@@ -92,38 +116,31 @@ async def test_no_reply_within_the_socket_timeout_fails_the_call_and_not_the_nex
 
 async def test_callers_over_the_limit_wait_for_a_connection(real_server: object) -> None:
     url = real_server.url  # type: ignore[attr-defined]
-    client = aioredis.Redis.from_url(url)
-    connections = Connections(client.connection_pool, limit=1)
     replies: list[object] = []
-    before = await _client_count(url)
+    async with _own_connections(url, 1) as (_, connections):
+        before = await _client_count(url)
 
-    async def ping() -> None:
-        replies.append(await connections.call([b"*1\r\n$4\r\nPING\r\n"]))
+        async def ping() -> None:
+            replies.append(await connections.call(b"*1\r\n$4\r\nPING\r\n"))
 
-    try:
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
                 for _ in range(10):
                     tg.start_soon(ping)
         assert len(replies) == 10 and all(r in (b"PONG", "PONG", True) for r in replies)
         assert await _client_count(url) - before == 1
-    finally:
-        await connections.close()
-        await client.aclose()
 
 
 async def test_appends_of_large_and_small_entries_report_each_outcome(
         real_server: object) -> None:
     url = real_server.url  # type: ignore[attr-defined]
-    client = aioredis.Redis.from_url(url)
-    connections = Connections(client.connection_pool, limit=4)
-    appender = PackedAppender(client, connections)
-    await client.delete("conns:big", "conns:small", "conns:notastream")
-    await client.set("conns:notastream", "x")
-    big = b"b" * LARGE_ENTRY_BYTES
-    items = [("conns:big", big), ("conns:notastream", big), ("conns:small", b"s1"),
-             ("conns:big", big + b"2"), ("conns:notastream", big), ("conns:small", b"s2")]
-    try:
+    async with _own_connections(url, 4) as (client, connections):
+        appender = PackedAppender(client, connections)
+        await client.delete("conns:big", "conns:small", "conns:notastream")
+        await client.set("conns:notastream", "x")
+        big = b"b" * LARGE_ENTRY_BYTES
+        items = [("conns:big", big), ("conns:notastream", big), ("conns:small", b"s1"),
+                 ("conns:big", big + b"2"), ("conns:notastream", big), ("conns:small", b"s2")]
         outcomes = await appender.append(items)
         assert [isinstance(o, TransportError) for o in outcomes] == [
             False, True, False, False, True, False]
@@ -134,6 +151,47 @@ async def test_appends_of_large_and_small_entries_report_each_outcome(
         # The connection is still in step: the next exchange reads its own reply.
         assert await appender.append([("conns:small", b"s3")]) != [b""]
         assert await client.xlen("conns:small") == 3
-    finally:
-        await connections.close()
-        await client.aclose()
+
+
+async def test_commands_sent_while_a_read_gathers_go_ahead_of_it(real_server: object) -> None:
+    # One connection only: without riding along, the append would wait for the blocking read
+    # to time out, and the read would return nothing.
+    url = real_server.url  # type: ignore[attr-defined]
+    async with _own_connections(url, 1) as (client, connections):
+        await client.delete("conns:ride", "conns:notastream")
+        await client.set("conns:notastream", "x")
+        await client.xgroup_create("conns:ride", "g", id="0", mkstream=True)
+        read: list[Entry] = []
+
+        async def reader() -> None:
+            read.extend(await read_group(connections, "conns:ride", "g", "c", 10, 5000, b">"))
+
+        with anyio.fail_after(3):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reader)
+                await asyncio.sleep(0)  # the reader now gathers for one pass
+                bad, good = await PackedAppender(client, connections).append(
+                    [("conns:notastream", b"x"), ("conns:ride", b"rider")])
+        assert isinstance(bad, TransportError) and "WRONGTYPE" in str(bad)
+        assert [(e.id, e.fields) for e in read] == [(good, {b"e": b"rider"})]
+
+
+async def test_a_read_cancelled_while_gathering_leaves_its_riders_to_send_alone(
+        real_server: object) -> None:
+    url = real_server.url  # type: ignore[attr-defined]
+    async with _own_connections(url, 2) as (client, connections):
+        await client.delete("conns:alone")
+        await client.xgroup_create("conns:alone", "g", id="0", mkstream=True)
+        scope = anyio.CancelScope()
+
+        async def reader() -> None:
+            with scope:
+                await read_group(connections, "conns:alone", "g", "c", 10, 5000, b">")
+
+        with anyio.fail_after(3):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reader)
+                await asyncio.sleep(0)
+                scope.cancel()  # before its pass is over: nothing of the riders is sent
+                entry_id = await connections.call(_pack(["XADD", "conns:alone", "*", "e", "x"]))
+        assert [e for e, _ in await client.xrange("conns:alone")] == [entry_id]
