@@ -30,7 +30,7 @@ from .envelope import AgentEvent, Envelope, EventBatch, PackedEvent
 from .errors import CodecError, ConfigError, TransportError
 from .producer import new_message_id
 from .registry import now_ms
-from .transport import StreamTransport
+from .transport import AppendWrite, StreamTransport
 from .publishing import BufferedPublisher
 from .tailing import tail
 
@@ -156,6 +156,12 @@ class EventPublisher(BufferedPublisher[PackedTuple]):
             self.published += count
             return
         self.failed += count
+
+    _rides = True
+
+    def _ride(self, batch: list[PackedTuple]) -> tuple[AppendWrite, int] | None:
+        data, count = self._encode(batch)
+        return (AppendWrite(self.stream, data), count) if count else None
 
     def _encode(self, batch: list[PackedTuple]) -> tuple[bytes, int]:
         """One entry for ``batch``; an event that cannot be encoded is dropped alone."""

@@ -8,6 +8,7 @@ takeover is refused instead of acking another consumer's work.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import anyio
@@ -16,7 +17,7 @@ from .config import DeliveryConfig
 from .delivery import ConsumerStats, Delivery, StreamSpec, log_ids
 from .errors import GroupMissing, TransportError
 from .registry import now_ms
-from .transport import StreamTransport
+from .transport import AckWrite, Piggyback, StreamTransport
 
 log = logging.getLogger("coordinator.consumer")
 
@@ -33,6 +34,7 @@ class Ledger:
         self._config = config
         self._acks: list[Delivery] = []
         self._ack_ready = anyio.Event()
+        self._wake_due = False
         # Acks of entries held longer than this are checked for ownership first.
         self._safe_ack_ms = min(config.lease_renew_ms, config.heartbeat_ttl_ms // 2)
 
@@ -41,20 +43,55 @@ class Ledger:
         if delivery.lost:
             return
         self._acks.append(delivery)
-        if not self._ack_ready.is_set():
+        if not self._wake_due:
+            # Not now: the read sent next in this pass of the loop may carry the acks (see
+            # _piggyback); the ack loop is woken only for what is still queued after it.
+            self._wake_due = True
+            asyncio.get_running_loop().call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_due = False
+        if self._acks and not self._ack_ready.is_set():
             self._ack_ready.set()
 
     async def ack_loop(self) -> None:
         """Flush queued acks whenever some are waiting, until cancelled."""
-        while True:
-            await self._ack_ready.wait()
-            self._ack_ready = anyio.Event()
-            try:
-                await self.flush_acks()
-            except TransportError as exc:
-                log.warning("ack failed (%s); retrying", exc)
-                await anyio.sleep(0.2)
-                self._ack_ready.set()
+        stop_piggyback = self._transport.piggyback(self._piggyback)
+        try:
+            while True:
+                await self._ack_ready.wait()
+                self._ack_ready = anyio.Event()
+                try:
+                    await self.flush_acks()
+                except TransportError as exc:
+                    log.warning("ack failed (%s); retrying", exc)
+                    await anyio.sleep(0.2)
+                    self._ack_ready.set()
+        finally:
+            stop_piggyback()
+
+    def _piggyback(self) -> Piggyback | None:
+        """The queued acks, to send with a read, when none needs an ownership check."""
+        queued = self._acks
+        if not queued or self._config.dedup_window_ms:
+            return None
+        now, safe_ms = now_ms(), self._safe_ack_ms
+        if any(now - delivery.leased_ms >= safe_ms for delivery in queued):
+            return None  # the ack loop checks them all (flush_acks)
+        self._acks = []
+        spec = self.spec
+
+        def done(error: BaseException | None) -> None:
+            if error is None:
+                for delivery in queued:
+                    self.held.pop(delivery.entry.id, None)
+                self.stats.acked += len(queued)
+            else:  # the ack loop tries again (GroupMissing included: it knows what to do)
+                self._acks[:0] = queued
+                self._wake()
+
+        return Piggyback(AckWrite(spec.keys.stream, spec.group,
+                                  [delivery.entry.id for delivery in queued]), done)
 
     async def flush_acks(self) -> None:
         """Ack everything queued now; refused (taken-over) entries are marked lost."""

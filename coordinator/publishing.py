@@ -8,6 +8,7 @@ buffer is full or closed. Each publisher decides what an item is and how a batch
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections import deque
 from typing import Generic, TypeVar
@@ -15,7 +16,7 @@ from typing import Generic, TypeVar
 import anyio
 import anyio.abc
 
-from .transport import StreamTransport
+from .transport import AppendWrite, Piggyback, StreamTransport
 
 Item = TypeVar("Item")
 
@@ -42,9 +43,15 @@ class BufferedPublisher(ABC, Generic[Item]):
         self._buffer: deque[Item] = deque()
         self._wanted = anyio.Event()
         self._space = anyio.Event()
+        self._space_wanted = False
         self._closed = False
         self._done = anyio.Event()
         self._running = False
+        self._wake_due = False
+        # A batch sent along with a read: later batches wait for it, to stay in order.
+        self._riding = False
+        self._landed: anyio.Event | None = None
+        self._writing = False
 
     @property
     def buffered(self) -> int:
@@ -57,35 +64,97 @@ class BufferedPublisher(ABC, Generic[Item]):
             self.dropped += 1
             return False
         self._buffer.append(item)
-        if not self._wanted.is_set():
-            self._wanted.set()
+        if not self._wake_due:
+            # Not now: the read sent next in this pass of the loop may carry the batch (see
+            # _piggyback); the writer is woken only for what is still queued after it.
+            self._wake_due = True
+            try:
+                asyncio.get_running_loop().call_soon(self._wake)
+            except RuntimeError:  # offered from outside the loop: no read is coming
+                self._wake()
         return True
+
+    def _wake(self) -> None:
+        self._wake_due = False
+        if self._buffer and not self._wanted.is_set():
+            self._wanted.set()
+
+    def _take_batch(self) -> list[Item]:
+        buffer = self._buffer
+        batch = [buffer.popleft() for _ in range(min(len(buffer), self._batch_size))]
+        if self._space_wanted:  # an event costs ~2.5 us to make: not for every batch
+            self._space_wanted = False
+            self._space.set()
+            self._space = anyio.Event()
+        return batch
 
     async def _wait_for_space(self) -> None:
         """Return once an item would be accepted (or the buffer is closed)."""
         while len(self._buffer) >= self._capacity and not self._closed:
+            self._space_wanted = True
             await self._space.wait()
 
     async def run(self, transport: StreamTransport, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Write queued items until :meth:`close` (then drain) or cancellation."""
         self._running = True
+        stop_piggyback = transport.piggyback(self._piggyback) if self._rides else _nothing
         task_status.started()
         buffer = self._buffer
         try:
             while True:
+                if self._riding:
+                    self._landed = anyio.Event()
+                    await self._landed.wait()
+                    continue
                 if not buffer:
                     if self._closed:
                         return
                     await self._wanted.wait()
                     self._wanted = anyio.Event()
                     continue
-                batch = [buffer.popleft() for _ in range(min(len(buffer), self._batch_size))]
-                self._space.set()
-                self._space = anyio.Event()
-                await self._write(transport, batch)
+                self._writing = True
+                try:
+                    await self._write(transport, self._take_batch())
+                finally:
+                    self._writing = False
         finally:
+            stop_piggyback()
             self._done.set()
+
+    def _piggyback(self) -> Piggyback | None:
+        """A batch to send along with a read, when the writer is idle (order is kept)."""
+        if not self._buffer or self._writing or self._riding:
+            return None
+        batch = self._take_batch()
+        ride = self._ride(batch)
+        if ride is None:  # nothing left to write (see _ride)
+            return None
+        write, count = ride
+        self._riding = True
+
+        def done(error: BaseException | None) -> None:
+            self._riding = False
+            if error is None:
+                self.published += count
+            elif self._done.is_set():  # the writer is gone: nobody would try again
+                self.failed += count
+            else:  # the writer tries again, with its retries and time limit
+                self._buffer.extendleft(reversed(batch))
+                self._wanted.set()
+            if self._landed is not None:
+                self._landed.set()
+                self._landed = None
+
+        return Piggyback(write, done)
+
+    #: Whether batches may ride along with reads (:meth:`_ride` says how).
+    _rides = False
+
+    def _ride(self, batch: list[Item]) -> tuple[AppendWrite, int] | None:
+        """``batch`` as one append to send with a read, and how many items it counts; None
+        when none of them can be written (dropped, and counted, by the subclass)."""
+        raise NotImplementedError
 
     @abstractmethod
     async def _write(self, transport: StreamTransport, batch: list[Item]) -> None:
@@ -102,3 +171,7 @@ class BufferedPublisher(ABC, Generic[Item]):
             return
         with anyio.move_on_after(timeout_s):
             await self._done.wait()
+
+
+def _nothing() -> None:
+    pass

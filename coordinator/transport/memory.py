@@ -22,7 +22,7 @@ import anyio
 
 from ..errors import GroupMissing, TransportError
 from .memory_streams import Group, Stream, format_id, parse_id, range_bound
-from .protocol import ClaimBatch, ConsumerInfo, Entry, GroupInfo, PendingEntry
+from .protocol import ClaimBatch, ConsumerInfo, Entry, GroupInfo, PendingEntry, PiggybackSource
 
 #: What a key may hold: a string, a sorted set (member -> score), a set, or a stream.
 Value = bytes | dict[str, float] | set[str] | Stream
@@ -423,5 +423,13 @@ class MemoryTransport:
     async def ping(self) -> None:
         """Always answers: the server is this object."""
 
+    def piggyback(self, source: PiggybackSource) -> Callable[[], None]:
+        """Never polls ``source``: there is no round trip to spare."""
+        return _nothing
+
     async def close(self) -> None:
         """Nothing to release; the data lives as long as the instance (other users may share it)."""
+
+
+def _nothing() -> None:
+    pass

@@ -6,7 +6,7 @@ Stream ids are ``bytes`` as Redis returns them; entry fields are ``dict[bytes, b
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
 Fields = Mapping[bytes, bytes]
@@ -52,6 +52,34 @@ class ClaimBatch(NamedTuple):
     cursor: bytes
     entries: list[Entry]
     deleted: list[bytes]  # ids that were pending but whose entry is gone
+
+
+class AckWrite(NamedTuple):
+    """XACK of ``ids``, sent along with a read (see :class:`Piggyback`)."""
+
+    stream: str
+    group: str
+    ids: Sequence[bytes]
+
+
+class AppendWrite(NamedTuple):
+    """One entry appended to ``stream``, sent along with a read (see :class:`Piggyback`)."""
+
+    stream: str
+    data: bytes
+
+
+class Piggyback(NamedTuple):
+    """A write to send in the same round trip as a blocking read, and what to call with its
+    outcome: ``None`` once Redis applied it, else the error (a TransportError; the write may
+    or may not have been applied). ``done`` runs in the reading task and must not block."""
+
+    write: AckWrite | AppendWrite
+    done: Callable[[BaseException | None], None]
+
+
+#: Polled right before a blocking read is sent; returns what should ride along, if anything.
+PiggybackSource = Callable[[], Piggyback | None]
 
 
 class StreamTransport(Protocol):
@@ -116,4 +144,8 @@ class StreamTransport(Protocol):
     async def set_add(self, key: str, *members: str) -> None: ...
     async def set_members(self, key: str) -> list[str]: ...
     async def ping(self) -> None: ...
+    def piggyback(self, source: PiggybackSource) -> Callable[[], None]:
+        """Poll ``source`` before each blocking read and send what it returns in the same
+        write; returns the function that stops the polling. An optimisation a transport may
+        ignore (then ``source`` is never polled): callers still write on their own."""
     async def close(self) -> None: ...

@@ -6,7 +6,7 @@ Redis exceptions are mapped once, at this boundary, by :func:`redis_errors.mappe
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias, TypedDict, cast
 
 import redis.asyncio as aioredis
@@ -16,7 +16,7 @@ from ..config import RedisConfig, mask_url
 from ..errors import ConnectionLost, GroupMissing, TransportError
 from . import scripts
 from .batching import AppendBatcher
-from .protocol import ClaimBatch, ConsumerInfo, Entry, GroupInfo, PendingEntry
+from .protocol import ClaimBatch, ConsumerInfo, Entry, GroupInfo, PendingEntry, PiggybackSource
 from .redis_packed import Connections, PackedAppender, ack, read_group
 from .redis_errors import error_code, mapped_errors
 
@@ -413,6 +413,10 @@ class RedisTransport:
     async def ping(self) -> None:
         with mapped_errors():
             await self.client.ping()
+
+    def piggyback(self, source: PiggybackSource) -> Callable[[], None]:
+        # Blocking group reads carry what ``source`` holds (see Connections.call_blocking).
+        return self._connections.piggyback(source)
 
     async def close(self) -> None:
         await self._connections.close()

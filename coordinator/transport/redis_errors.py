@@ -36,8 +36,8 @@ def mapped_errors() -> Iterator[None]:
         raise TransportError(str(exc)) from exc
 
 
-def mapped_error(exc: rex.ResponseError) -> TransportError:
-    """One reply error as the coordinator's exception (for errors read, not raised)."""
+def mapped_error(exc: rex.RedisError | OSError) -> TransportError:
+    """One error as the coordinator's exception (for errors read or caught, not raised)."""
     try:
         with mapped_errors():
             raise exc

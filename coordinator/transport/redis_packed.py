@@ -7,8 +7,8 @@ pipeline, and appending a whole batch per script call, costs the client ~1 us pe
 instead of ~11 us for one XADD each through a pipeline; a read skips redis-py's retry, parse
 and callback layers, which cost a blocking read tens of microseconds of latency.
 
-Acks and appends sent while a blocking read is about to go out ride along with it, in the same
-write (:meth:`Connections.call_blocking`).
+Acks and appends waiting when a blocking read goes out ride along with it, in the same write
+(:meth:`Connections.call_blocking`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import redis.exceptions as rex
 from redis.asyncio.connection import AbstractConnection
 
 from . import scripts
-from .protocol import Entry
+from ..errors import TransportError
+from .protocol import AckWrite, Entry, Piggyback, PiggybackSource
 from .redis_errors import mapped_error, mapped_errors
 
 
@@ -63,7 +64,7 @@ class Connections:
         self._open: set[AbstractConnection] = set()
         self._given_back = anyio.Event()
         self._waiting = 0  # callers waiting for a connection (at the limit)
-        self._riders: list[_Rider] | None = None  # while a blocking read gathers
+        self._sources: list[PiggybackSource] = []
 
     async def take(self) -> AbstractConnection:
         """An idle connection, or a new one (connected by its first command)."""
@@ -152,82 +153,12 @@ class Connections:
         """Send ``count`` commands packed together; their replies in order, an error reply
         as its ``ResponseError`` (read in full: the connection stays in step).
 
-        While a blocking read gathers (:meth:`call_blocking`) they are written ahead of it.
-
         :raises TransportError: the exchange failed (connection lost, no reply in time)
         """
-        riders = self._riders
-        if riders is not None:
-            rider = _Rider(packed, count, asyncio.get_running_loop().create_future())
-            riders.append(rider)
-            with mapped_errors():
-                replies = await rider.replies
-            if replies is not _ALONE:
-                return cast("list[Any]", replies)
-        return await self._exchange(packed, count)
-
-    async def call_blocking(self, packed: bytes, wait_s: float) -> Any:
-        """Send one command the server may hold for up to ``wait_s`` (a blocking read) and
-        return its reply.
-
-        It is sent after one pass of the event loop, and what other tasks send meanwhile
-        (:meth:`exchange`) goes in the same write, ahead of it: handlers that just ran have
-        readied their acks and lifecycle events, and at low rates this spares each its own
-        round trip (a write, and a wake-up of the server and of this process).
-
-        :raises TransportError: mapped from the Redis error (NOGROUP, connection lost...)
-        """
-        if self._riders is not None:  # another read gathers: one blocking read a connection
-            reply = (await self._exchange(packed, 1, wait_s))[0]
-        else:
-            reply = await self._gather_and_call(packed, wait_s)
-        if isinstance(reply, rex.ResponseError):
-            with mapped_errors():
-                raise reply
-        return reply
-
-    async def _gather_and_call(self, packed: bytes, wait_s: float) -> Any:
-        riders: list[_Rider] = []
-        self._riders = riders
-        with mapped_errors():
-            try:
-                await asyncio.sleep(0)  # the pass in which others join
-                self._riders = None
-                conn = await self.take()
-            except BaseException:
-                self._riders = None
-                for rider in riders:  # nothing of theirs was sent: they send on their own
-                    if not rider.replies.done():
-                        rider.replies.set_result(_ALONE)
-                raise
-            try:
-                if riders:
-                    async with self.deadline():
-                        await conn.send_packed_command([*(r.packed for r in riders), packed],
-                                                       check_health=False)
-                        for rider in riders:
-                            replies = await _read(conn, rider.count)
-                            if not rider.replies.done():  # else its caller was cancelled
-                                rider.replies.set_result(replies)
-                else:
-                    await conn.send_packed_command(packed, check_health=False)
-                async with self.deadline(wait_s):
-                    reply = (await _read(conn, 1))[0]
-            except BaseException as exc:
-                failure = self._failure(exc)
-                for rider in riders:
-                    if not rider.replies.done():
-                        rider.replies.set_exception(failure)
-                await self.drop_after(conn, exc)
-            self.give(conn)
-        return reply
-
-    async def _exchange(self, packed: bytes, count: int, wait_s: float = 0.0) -> list[Any]:
-        """:meth:`exchange` on a connection of its own."""
         with mapped_errors():
             conn = await self.take()
             try:
-                async with self.deadline(wait_s):
+                async with self.deadline():
                     await conn.send_packed_command(packed, check_health=False)
                     replies = await _read(conn, count)
             except BaseException as exc:
@@ -235,27 +166,82 @@ class Connections:
             self.give(conn)
         return replies
 
-    def _failure(self, exc: BaseException) -> BaseException:
-        """What the riders of a failed exchange are told: their commands were sent, their
-        replies are unknown."""
-        if isinstance(exc, TimeoutError):
-            return rex.TimeoutError(f"no reply within {self._timeout_s:g} s")
-        if isinstance(exc, rex.RedisError | OSError):
-            return exc
-        return rex.ConnectionError("the connection was closed before the reply was read")
+    def piggyback(self, source: PiggybackSource) -> Callable[[], None]:
+        """Poll ``source`` before each blocking read (see :meth:`call_blocking`); returns the
+        function that stops the polling."""
+        self._sources.append(source)
+        return functools.partial(self._stop_polling, source)
+
+    def _stop_polling(self, source: PiggybackSource) -> None:
+        with contextlib.suppress(ValueError):
+            self._sources.remove(source)
+
+    async def call_blocking(self, packed: bytes, wait_s: float) -> Any:
+        """Send one command the server may hold for up to ``wait_s`` (a blocking read) and
+        return its reply.
+
+        What the piggyback sources hold now goes in the same write, ahead of it, and their
+        replies are read first. Handlers that just ran have queued their acks and lifecycle
+        events: at low rates this spares each its own round trip (a write, and a wake-up of
+        the server, of this process and of the task that would have sent it).
+
+        :raises TransportError: mapped from the Redis error (NOGROUP, connection lost...)
+        """
+        riders = [ride for source in self._sources if (ride := source()) is not None]
+        told = 0  # riders told their outcome
+        with mapped_errors():
+            try:
+                conn = await self.take()
+            except BaseException as exc:
+                _tell(riders, _failure_of(exc, self._timeout_s))  # nothing of theirs was sent
+                raise
+            try:
+                if riders:
+                    async with self.deadline():
+                        await conn.send_packed_command([*map(_packed, riders), packed],
+                                                       check_health=False)
+                        for ride in riders:
+                            reply = (await _read(conn, 1))[0]
+                            told += 1
+                            ride.done(mapped_error(reply) if isinstance(reply, rex.ResponseError)
+                                      else None)
+                else:
+                    await conn.send_packed_command(packed, check_health=False)
+                async with self.deadline(wait_s):
+                    reply = (await _read(conn, 1))[0]
+            except BaseException as exc:
+                _tell(riders[told:], _failure_of(exc, self._timeout_s))
+                await self.drop_after(conn, exc)
+            self.give(conn)
+        if isinstance(reply, rex.ResponseError):
+            with mapped_errors():
+                raise reply
+        return reply
 
 
-class _Rider:
-    """Commands written ahead of a blocking read; the reading task reads their replies."""
-
-    __slots__ = ("packed", "count", "replies")
-
-    def __init__(self, packed: bytes, count: int, replies: asyncio.Future[object]) -> None:
-        self.packed, self.count, self.replies = packed, count, replies
+def _packed(ride: Piggyback) -> bytes:
+    write = ride.write
+    if isinstance(write, AckWrite):
+        return _pack(["XACK", write.stream, write.group, *write.ids])
+    return _pack(["XADD", write.stream, "*", "e", write.data])
 
 
-#: A rider's replies when the read it waited for was cancelled before sending anything.
-_ALONE = object()
+def _tell(riders: list[Piggyback], failure: TransportError) -> None:
+    """Tell riders their write failed."""
+    for ride in riders:
+        ride.done(failure)
+
+
+def _failure_of(exc: BaseException, timeout_s: float | None) -> TransportError:
+    """What riders are told when the exchange failed (cancelled included): the write may or
+    may not have been applied."""
+    if isinstance(exc, TransportError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return mapped_error(rex.TimeoutError(f"no reply within {timeout_s:g} s"))
+    if isinstance(exc, rex.RedisError | OSError):
+        return mapped_error(exc)
+    return mapped_error(rex.ConnectionError("cancelled before the reply was read"))
 
 
 async def _read(conn: AbstractConnection, count: int) -> list[Any]:

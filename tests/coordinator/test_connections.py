@@ -1,8 +1,8 @@
-"""The packed commands' own connections: reused while healthy, replaced once they die."""
+"""The packed commands' own connections: reused while healthy, replaced once they die, and
+writes piggybacked on blocking reads."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -11,14 +11,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from coordinator.config import RedisConfig
-from coordinator.errors import ConnectionLost, TransportError
-from coordinator.transport import RedisTransport
-from coordinator.transport import Entry
+from coordinator.errors import ConnectionLost, GroupMissing, TransportError
+from coordinator.transport import AckWrite, AppendWrite, Piggyback, RedisTransport
 from coordinator.transport.redis_packed import (
     LARGE_ENTRY_BYTES,
     Connections,
     PackedAppender,
-    _pack,
     read_group,
 )
 
@@ -33,19 +31,23 @@ async def _kill_clients(url: str) -> None:
         await admin.aclose()
 
 
-async def _client_count(url: str) -> int:
+async def _client_count(url: str, name: str | None = None) -> int:
+    """Clients connected (other than the one asking), or only those named ``name``."""
     admin = aioredis.Redis.from_url(url)
     try:
-        return len(await admin.client_list(_type="normal")) - 1
+        clients = await admin.client_list(_type="normal")
     finally:
         await admin.aclose()
+    if name is None:
+        return len(clients) - 1
+    return sum(client["name"] == name for client in clients)
 
 
 @contextlib.asynccontextmanager
-async def _own_connections(url: str, limit: int
+async def _own_connections(url: str, limit: int, name: str | None = None
                            ) -> AsyncIterator[tuple[aioredis.Redis, Connections]]:
     """A client, and a set of packed-command connections using its pool's settings."""
-    client = aioredis.Redis.from_url(url)
+    client = aioredis.Redis.from_url(url, client_name=name)
     connections = Connections(client.connection_pool, limit=limit)
     try:
         yield client, connections
@@ -117,8 +119,7 @@ async def test_no_reply_within_the_socket_timeout_fails_the_call_and_not_the_nex
 async def test_callers_over_the_limit_wait_for_a_connection(real_server: object) -> None:
     url = real_server.url  # type: ignore[attr-defined]
     replies: list[object] = []
-    async with _own_connections(url, 1) as (_, connections):
-        before = await _client_count(url)
+    async with _own_connections(url, 1, "conns-limit") as (_, connections):
 
         async def ping() -> None:
             replies.append(await connections.call(b"*1\r\n$4\r\nPING\r\n"))
@@ -128,7 +129,7 @@ async def test_callers_over_the_limit_wait_for_a_connection(real_server: object)
                 for _ in range(10):
                     tg.start_soon(ping)
         assert len(replies) == 10 and all(r in (b"PONG", "PONG", True) for r in replies)
-        assert await _client_count(url) - before == 1
+        assert await _client_count(url, "conns-limit") == 1
 
 
 async def test_appends_of_large_and_small_entries_report_each_outcome(
@@ -153,45 +154,59 @@ async def test_appends_of_large_and_small_entries_report_each_outcome(
         assert await client.xlen("conns:small") == 3
 
 
-async def test_commands_sent_while_a_read_gathers_go_ahead_of_it(real_server: object) -> None:
-    # One connection only: without riding along, the append would wait for the blocking read
-    # to time out, and the read would return nothing.
+class _Source:
+    """A piggyback source handing out its writes once, noting each outcome."""
+
+    def __init__(self, *writes: AckWrite | AppendWrite) -> None:
+        self.writes = list(writes)
+        self.outcomes: list[BaseException | None] = []
+
+    def __call__(self) -> Piggyback | None:
+        return Piggyback(self.writes.pop(0), self.outcomes.append) if self.writes else None
+
+
+async def test_piggybacked_writes_go_ahead_of_a_blocking_read(real_server: object) -> None:
+    # One connection only: the read must find the entry appended in its own write.
     url = real_server.url  # type: ignore[attr-defined]
     async with _own_connections(url, 1) as (client, connections):
         await client.delete("conns:ride", "conns:notastream")
         await client.set("conns:notastream", "x")
         await client.xgroup_create("conns:ride", "g", id="0", mkstream=True)
-        read: list[Entry] = []
-
-        async def reader() -> None:
-            read.extend(await read_group(connections, "conns:ride", "g", "c", 10, 5000, b">"))
-
+        first = await client.xadd("conns:ride", {"e": "first"})
+        assert await read_group(connections, "conns:ride", "g", "c", 10, None, b">")
+        sources = [_Source(AckWrite("conns:ride", "g", [first])),
+                   _Source(AppendWrite("conns:notastream", b"x")),
+                   _Source(AppendWrite("conns:ride", b"rider"))]
+        stops = [connections.piggyback(source) for source in sources]
         with anyio.fail_after(3):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(reader)
-                await asyncio.sleep(0)  # the reader now gathers for one pass
-                bad, good = await PackedAppender(client, connections).append(
-                    [("conns:notastream", b"x"), ("conns:ride", b"rider")])
-        assert isinstance(bad, TransportError) and "WRONGTYPE" in str(bad)
-        assert [(e.id, e.fields) for e in read] == [(good, {b"e": b"rider"})]
+            read = await read_group(connections, "conns:ride", "g", "c", 10, 5000, b">")
+        assert [e.fields for e in read] == [{b"e": b"rider"}]
+        assert sources[0].outcomes == [None] and sources[2].outcomes == [None]
+        assert [type(o) for o in sources[1].outcomes] == [TransportError]
+        assert "WRONGTYPE" in str(sources[1].outcomes[0])
+        assert (await client.xpending("conns:ride", "g"))["pending"] == 1  # "first" acked
+        stops[2]()
+        sources[2].writes.append(AppendWrite("conns:ride", b"not polled"))
+        assert await read_group(connections, "conns:ride", "g", "c", 10, 10, b">") == []
 
 
-async def test_a_read_cancelled_while_gathering_leaves_its_riders_to_send_alone(
-        real_server: object) -> None:
+async def test_riders_of_a_failed_read_are_told_it_failed(real_server: object) -> None:
     url = real_server.url  # type: ignore[attr-defined]
-    async with _own_connections(url, 2) as (client, connections):
-        await client.delete("conns:alone")
-        await client.xgroup_create("conns:alone", "g", id="0", mkstream=True)
-        scope = anyio.CancelScope()
-
-        async def reader() -> None:
-            with scope:
-                await read_group(connections, "conns:alone", "g", "c", 10, 5000, b">")
-
-        with anyio.fail_after(3):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(reader)
-                await asyncio.sleep(0)
-                scope.cancel()  # before its pass is over: nothing of the riders is sent
-                entry_id = await connections.call(_pack(["XADD", "conns:alone", "*", "e", "x"]))
-        assert [e for e, _ in await client.xrange("conns:alone")] == [entry_id]
+    transport = await RedisTransport.connect(RedisConfig(url=url, socket_timeout_s=0.3))
+    admin = aioredis.Redis.from_url(url)
+    source = _Source(AppendWrite("conns:paused", b"x"), AppendWrite("conns:nogroup", b"y"))
+    transport.piggyback(source)
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", 1000, "WRITE")
+        with pytest.raises(ConnectionLost, match="no reply within 0.3 s"):
+            await transport.read_group("conns:nostream", "g", "c", 10, 100)
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        assert [type(o) for o in source.outcomes] == [ConnectionLost]
+        # The read fails on its own (no group): the rider's write was done all the same.
+        with pytest.raises(GroupMissing):
+            await transport.read_group("conns:nostream", "g", "c", 10, 100)
+        assert source.outcomes[1:] == [None] and await admin.xlen("conns:nogroup") == 1
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.aclose()
+        await transport.close()
