@@ -123,7 +123,8 @@ class Connections:
         for conn in conns:
             await conn.disconnect()
 
-    def deadline(self, wait_s: float = 0.0) -> contextlib.AbstractAsyncContextManager[object]:
+    def deadline(self, wait_s: float = 0.0
+                 ) -> contextlib.AbstractAsyncContextManager[asyncio.Timeout | None]:
         """The time limit of one exchange; ``wait_s``: how long the server may hold the reply
         on purpose (a blocking read)."""
         if self._timeout_s is None:
@@ -196,18 +197,17 @@ class Connections:
                 _tell(riders, _failure_of(exc, self._timeout_s))  # nothing of theirs was sent
                 raise
             try:
-                if riders:
-                    async with self.deadline():
-                        await conn.send_packed_command([*map(_packed, riders), packed],
-                                                       check_health=False)
-                        for ride in riders:
-                            reply = (await _read(conn, 1))[0]
-                            told += 1
-                            ride.done(mapped_error(reply) if isinstance(reply, rex.ResponseError)
-                                      else None)
-                else:
-                    await conn.send_packed_command(packed, check_health=False)
-                async with self.deadline(wait_s):
+                async with self.deadline() as limit:
+                    await conn.send_packed_command([*map(_packed, riders), packed],
+                                                   check_health=False)
+                    for ride in riders:
+                        reply = (await _read(conn, 1))[0]
+                        told += 1
+                        ride.done(mapped_error(reply) if isinstance(reply, rex.ResponseError)
+                                  else None)
+                    # The read may be held wait_s on purpose: one timer, moved, costs less.
+                    if limit is not None and (when := limit.when()) is not None:
+                        limit.reschedule(when + wait_s)
                     reply = (await _read(conn, 1))[0]
             except BaseException as exc:
                 _tell(riders[told:], _failure_of(exc, self._timeout_s))
