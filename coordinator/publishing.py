@@ -153,8 +153,9 @@ class BufferedPublisher(ABC, Generic[Item]):
 
     def _ride(self, batch: list[Item]) -> tuple[AppendWrite, int] | None:
         """``batch`` as one append to send with a read, and how many items it counts; None
-        when none of them can be written (dropped, and counted, by the subclass)."""
-        raise NotImplementedError
+        when none of them can be written (dropped, and counted, by the subclass). Only
+        called when :attr:`_rides` is set."""
+        return None
 
     @abstractmethod
     async def _write(self, transport: StreamTransport, batch: list[Item]) -> None:
