@@ -144,11 +144,7 @@ class Connections:
 
         :raises TransportError: mapped from the Redis error (NOGROUP, connection lost...)
         """
-        reply = (await self.exchange(packed))[0]
-        if isinstance(reply, rex.ResponseError):
-            with mapped_errors():
-                raise reply
-        return reply
+        return _unless_error((await self.exchange(packed))[0])
 
     async def exchange(self, packed: bytes, count: int = 1) -> list[Any]:
         """Send ``count`` commands packed together; their replies in order, an error reply
@@ -213,10 +209,14 @@ class Connections:
                 _tell(riders[told:], _failure_of(exc, self._timeout_s))
                 await self.drop_after(conn, exc)
             self.give(conn)
-        if isinstance(reply, rex.ResponseError):
-            with mapped_errors():
-                raise reply
-        return reply
+        return _unless_error(reply)
+
+
+def _unless_error(reply: Any) -> Any:
+    """``reply``, or its error raised as the coordinator's exception."""
+    if isinstance(reply, rex.ResponseError):
+        raise mapped_error(reply)
+    return reply
 
 
 def _packed(ride: Piggyback) -> bytes:
