@@ -8,7 +8,6 @@ takeover is refused instead of acking another consumer's work.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import anyio
@@ -17,6 +16,7 @@ from .config import DeliveryConfig
 from .delivery import ConsumerStats, Delivery, StreamSpec, log_ids
 from .errors import GroupMissing, TransportError
 from .registry import now_ms
+from .soon import NextPass
 from .transport import AckWrite, Piggyback, StreamTransport
 
 log = logging.getLogger("coordinator.consumer")
@@ -34,7 +34,9 @@ class Ledger:
         self._config = config
         self._acks: list[Delivery] = []
         self._ack_ready = anyio.Event()
-        self._wake_due = False
+        # Not at once: the read sent next in this pass of the loop may carry the acks (see
+        # _piggyback); the ack loop is woken only for what is still queued after it.
+        self._wake_soon = NextPass(self._wake)
         # Acks of entries held longer than this are checked for ownership first.
         self._safe_ack_ms = min(config.lease_renew_ms, config.heartbeat_ttl_ms // 2)
 
@@ -43,14 +45,9 @@ class Ledger:
         if delivery.lost:
             return
         self._acks.append(delivery)
-        if not self._wake_due:
-            # Not now: the read sent next in this pass of the loop may carry the acks (see
-            # _piggyback); the ack loop is woken only for what is still queued after it.
-            self._wake_due = True
-            asyncio.get_running_loop().call_soon(self._wake)
+        self._wake_soon()
 
     def _wake(self) -> None:
-        self._wake_due = False
         if self._acks and not self._ack_ready.is_set():
             self._ack_ready.set()
 
@@ -71,34 +68,28 @@ class Ledger:
             stop_piggyback()
 
     def _piggyback(self) -> Piggyback | None:
-        """The queued acks, to send with a read, when none needs an ownership check."""
-        queued = self._acks
-        if not queued or self._config.dedup_window_ms:
+        """The queued acks that need no ownership check, to send with a read."""
+        plain, checked, _ = self._split(self._acks)
+        if not plain:
             return None
-        now, safe_ms = now_ms(), self._safe_ack_ms
-        if any(now - delivery.leased_ms >= safe_ms for delivery in queued):
-            return None  # the ack loop checks them all (flush_acks)
-        self._acks = []
+        self._acks = checked  # left to the ack loop
         spec = self.spec
 
         def done(error: BaseException | None) -> None:
             if error is None:
-                for delivery in queued:
+                for delivery in plain:
                     self.held.pop(delivery.entry.id, None)
-                self.stats.acked += len(queued)
+                self.stats.acked += len(plain)
             else:  # the ack loop tries again (GroupMissing included: it knows what to do)
-                self._acks[:0] = queued
+                self._acks[:0] = plain
                 self._wake()
 
         return Piggyback(AckWrite(spec.keys.stream, spec.group,
-                                  [delivery.entry.id for delivery in queued]), done)
+                                  [delivery.entry.id for delivery in plain]), done)
 
-    async def flush_acks(self) -> None:
-        """Ack everything queued now; refused (taken-over) entries are marked lost."""
-        spec, inflight = self.spec, self.held
-        queued, self._acks = self._acks, []
-        # Entries held long may have been taken over meanwhile: their acks check ownership.
-        # Decided here, with one clock read per batch, rather than per queued ack.
+    def _split(self, queued: list[Delivery]) -> tuple[list[Delivery], list[Delivery], int]:
+        """(plain, checked, now): acks of entries held long may have been taken over
+        meanwhile, so theirs check ownership. Decided with one clock read per batch."""
         now, checked_since = now_ms(), self._safe_ack_ms
         if self._config.dedup_window_ms:  # every ack also records the message id
             checked_since = -1
@@ -106,6 +97,13 @@ class Ledger:
         checked: list[Delivery] = []
         for delivery in queued:
             (checked if now - delivery.leased_ms >= checked_since else plain).append(delivery)
+        return plain, checked, now
+
+    async def flush_acks(self) -> None:
+        """Ack everything queued now; refused (taken-over) entries are marked lost."""
+        spec, inflight = self.spec, self.held
+        queued, self._acks = self._acks, []
+        plain, checked, now = self._split(queued)
         refused: set[bytes] = set()
         try:
             if plain:

@@ -8,7 +8,6 @@ buffer is full or closed. Each publisher decides what an item is and how a batch
 
 from __future__ import annotations
 
-import asyncio
 from abc import ABC, abstractmethod
 from collections import deque
 from typing import Generic, TypeVar
@@ -16,6 +15,7 @@ from typing import Generic, TypeVar
 import anyio
 import anyio.abc
 
+from .soon import NextPass
 from .transport import AppendWrite, Piggyback, StreamTransport
 
 Item = TypeVar("Item")
@@ -47,7 +47,9 @@ class BufferedPublisher(ABC, Generic[Item]):
         self._closed = False
         self._done = anyio.Event()
         self._running = False
-        self._wake_due = False
+        # Not at once: the read sent next in this pass of the loop may carry the batch (see
+        # _piggyback); the writer is woken only for what is still queued after it.
+        self._wake_soon = NextPass(self._wake)
         # A batch sent along with a read: later batches wait for it, to stay in order.
         self._riding = False
         self._landed: anyio.Event | None = None
@@ -64,18 +66,10 @@ class BufferedPublisher(ABC, Generic[Item]):
             self.dropped += 1
             return False
         self._buffer.append(item)
-        if not self._wake_due:
-            # Not now: the read sent next in this pass of the loop may carry the batch (see
-            # _piggyback); the writer is woken only for what is still queued after it.
-            self._wake_due = True
-            try:
-                asyncio.get_running_loop().call_soon(self._wake)
-            except RuntimeError:  # offered from outside the loop: no read is coming
-                self._wake()
+        self._wake_soon()
         return True
 
     def _wake(self) -> None:
-        self._wake_due = False
         if self._buffer and not self._wanted.is_set():
             self._wanted.set()
 
@@ -98,7 +92,7 @@ class BufferedPublisher(ABC, Generic[Item]):
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Write queued items until :meth:`close` (then drain) or cancellation."""
         self._running = True
-        stop_piggyback = transport.piggyback(self._piggyback) if self._rides else _nothing
+        stop_piggyback = transport.piggyback(self._piggyback) if self._rides else None
         task_status.started()
         buffer = self._buffer
         try:
@@ -119,7 +113,8 @@ class BufferedPublisher(ABC, Generic[Item]):
                 finally:
                     self._writing = False
         finally:
-            stop_piggyback()
+            if stop_piggyback is not None:
+                stop_piggyback()
             self._done.set()
 
     def _piggyback(self) -> Piggyback | None:
@@ -172,7 +167,3 @@ class BufferedPublisher(ABC, Generic[Item]):
             return
         with anyio.move_on_after(timeout_s):
             await self._done.wait()
-
-
-def _nothing() -> None:
-    pass

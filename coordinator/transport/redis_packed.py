@@ -197,14 +197,14 @@ class Connections:
                     await conn.send_packed_command([*map(_packed, riders), packed],
                                                    check_health=False)
                     for ride in riders:
-                        reply = (await _read(conn, 1))[0]
+                        reply = await _read_one(conn)
                         told += 1
                         ride.done(mapped_error(reply) if isinstance(reply, rex.ResponseError)
                                   else None)
                     # The read may be held wait_s on purpose: one timer, moved, costs less.
                     if limit is not None and (when := limit.when()) is not None:
                         limit.reschedule(when + wait_s)
-                    reply = (await _read(conn, 1))[0]
+                    reply = await _read_one(conn)
             except BaseException as exc:
                 _tell(riders[told:], _failure_of(exc, self._timeout_s))
                 await self.drop_after(conn, exc)
@@ -245,14 +245,16 @@ def _failure_of(exc: BaseException, timeout_s: float | None) -> TransportError:
 
 
 async def _read(conn: AbstractConnection, count: int) -> list[Any]:
-    """The next ``count`` replies; an error reply as its ``ResponseError``."""
-    replies: list[Any] = []
-    for _ in range(count):
-        try:
-            replies.append(await conn.read_response())
-        except rex.ResponseError as exc:  # read in full: the connection is fine
-            replies.append(exc)
-    return replies
+    """The next ``count`` replies (see :func:`_read_one`)."""
+    return [await _read_one(conn) for _ in range(count)]
+
+
+async def _read_one(conn: AbstractConnection) -> Any:
+    """The next reply; an error reply as its ``ResponseError``."""
+    try:
+        return await conn.read_response()
+    except rex.ResponseError as exc:  # read in full: the connection is fine
+        return exc
 
 
 async def read_group(connections: Connections, stream: str, group: str, consumer: str,
