@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from .harness import cpu_s, emit, filler_for
-from .loadgen import paced, payload_for, spread
+from .loadgen import gaps_ms, paced, payload_for, spread
 
 TASK_NAME = "bench_sink"
 
@@ -75,12 +75,12 @@ async def faststream_producer(opts: argparse.Namespace) -> None:
         async def send(i: int) -> None:
             await broker.publish(payload_for(opts, filler, i), stream=opts.stream)
 
-        cpu0, t_first = cpu_s(), time.time()
+        cpu0, t_first, gaps = cpu_s(), time.time(), None
         if opts.rate:
-            await paced(opts.rate, opts.messages, send)
+            gaps = gaps_ms(await paced(opts.rate, opts.messages, send))
         else:
             await spread(opts.messages, opts.concurrency, send)
-        emit("done", t_first=t_first, t_last=time.time(), cpu_s=cpu_s() - cpu0)
+        emit("done", t_first=t_first, t_last=time.time(), cpu_s=cpu_s() - cpu0, gaps=gaps)
     finally:
         await broker.stop()
 
