@@ -1,4 +1,4 @@
-"""Group consumer: XREADGROUP -> memory stream -> a pool of handler workers -> batched acks.
+"""Group consumer: workers taking turns to XREADGROUP -> handlers -> batched acks.
 
 It never reads more entries than it has free handler slots, renews the lease of entries whose
 handlers run long, retries failures with backoff (Redis's delivery counter decides when to give
@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 
 from . import codec, policy
 from .claimer import Claimer
@@ -27,6 +26,7 @@ from .ledger import Ledger
 from .registry import now_ms
 from .signals import Reject, Retry
 from .slots import Slots
+from .soon import NextPass
 from .transport import Entry, StreamTransport
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,21 @@ class GroupConsumer:
         self._ledger = Ledger(transport, spec, config, self.stats)
         self._inflight = self._ledger.held
         self._stopping = False
-        self._reader_scope = anyio.CancelScope()
+        self._stopped = anyio.Event()
         # Deliveries waiting for a worker, and the events of workers waiting for work. A plain
         # deque: a memory object stream costs an event-loop pass and allocations per item.
         self._queue: deque[Delivery] = deque()
         self._idle_workers: deque[anyio.Event] = deque()
         self._waking = False
+        self._handling = 0  # handlers running
+        # Reading is a turn that one idle worker at a time takes, rather than a task of its
+        # own: the worker whose read returns runs the first handler itself, in the same pass
+        # of the event loop. Handing each entry to another task cost a pass per message.
+        self._reading = False
+        self._read_scope: anyio.CancelScope | None = None
+        self._history: bytes | None = b"0-0"  # first re-read our own pending entries
+        self._read_failures = 0
+        self._want_reader = NextPass(self._wake_reader)
         self._tg: anyio.abc.TaskGroup | None = None
         self._claimer = Claimer(transport, spec, config, self, alive, self.stats)
 
@@ -84,15 +93,15 @@ class GroupConsumer:
                 await anyio.sleep(0.5)
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            for _ in range(self._config.concurrency):
+            # One worker more than handler slots: one can read while all slots run handlers.
+            for _ in range(self._config.concurrency + 1):
                 tg.start_soon(self._work)
             tg.start_soon(self._ledger.ack_loop)
             tg.start_soon(self._ledger.renew_loop)
             tg.start_soon(self._claimer.run)
             task_status.started()
             try:
-                with self._reader_scope:
-                    await self._read_loop()
+                await self._stopped.wait()
             finally:
                 # Also when cancelled from outside: what we hold is acked or handed back.
                 with anyio.CancelScope(shield=True):
@@ -101,7 +110,9 @@ class GroupConsumer:
     def stop(self) -> None:
         """Stop reading; in-flight handlers get ``grace_ms`` to finish (graceful stop)."""
         self._stopping = True
-        self._reader_scope.cancel()
+        self._stopped.set()
+        if self._read_scope is not None:
+            self._read_scope.cancel()
 
     @property
     def in_flight(self) -> int:
@@ -145,47 +156,52 @@ class GroupConsumer:
         await self._transport.ensure_group(self.spec.keys.stream, self.spec.group)
 
     # -- reading ----------------------------------------------------------------------------
-    async def _read_loop(self) -> None:
-        spec, slots = self.spec, self._slots
-        history: bytes | None = b"0-0"  # first re-read our own pending entries
-        failures = 0
-        while True:
-            await slots.wait_free(self._read_batch_min)
-            try:
-                entries = await self._transport.read_group(
-                    spec.keys.stream, spec.group, spec.consumer, slots.free,
-                    self._config.block_ms, history)
-                counts = None
-                last = entries[-1].id if entries else None
-                if history is not None and entries:
-                    # Re-reading history is idempotent, so a failure here just reads it again.
-                    entries = await self._drop_deleted(entries)
-                    counts = await self._counts_of(entries) if entries else None
-            except GroupMissing:
-                log.warning("group vanished; recreating it",
-                            extra={"stream": spec.keys.stream, "group": spec.group})
-                await self._recreate_group()
-                history = None
-                continue
-            except TransportError as exc:  # ConnectionLost, LOADING, OOM...: wait and retry
-                failures += 1
-                log.warning("read failed (%s); retrying", exc, extra={"stream": spec.keys.stream})
-                await anyio.sleep(min(5.0, 0.05 * 2 ** failures))
-                continue
-            failures = 0
-            # Not reserved before the read: a reservation held through a blocking read would
-            # starve retries and the claimer. Claims landing meanwhile may overfill by one batch.
-            slots.take(len(entries))
-            if history is not None:
-                if last is None:
-                    history = None
-                    continue
-                history = last
-            if entries:
-                await self.accept(entries, counts)
-                # Let the woken workers start before the next read is sent: a lone message
-                # is handled one read round trip sooner.
-                await anyio.lowlevel.checkpoint()
+    async def _read_turn(self) -> None:
+        """Read once, as the one worker whose turn it is, and queue what came."""
+        self._reading = True
+        read = None
+        try:
+            with anyio.CancelScope() as self._read_scope:
+                read = await self._read()
+        finally:
+            self._reading = False
+            self._read_scope = None
+        if read is not None:
+            await self._admit(*read)  # no worker woken: this one handles the first entry (_work)
+
+    async def _read(self) -> tuple[list[Entry], dict[bytes, int] | None] | None:
+        """One XREADGROUP: after a start our own pending entries, then new ones. Returns the
+        entries (their slots taken) and their delivery counts, or None for nothing to do."""
+        spec, slots, history = self.spec, self._slots, self._history
+        await slots.wait_free(self._read_batch_min)
+        try:
+            entries = await self._transport.read_group(
+                spec.keys.stream, spec.group, spec.consumer, slots.free,
+                self._config.block_ms, history)
+            counts = None
+            last = entries[-1].id if entries else None
+            if history is not None and entries:
+                # Re-reading history is idempotent, so a failure here just reads it again.
+                entries = await self._drop_deleted(entries)
+                counts = await self._counts_of(entries) if entries else None
+        except GroupMissing:
+            log.warning("group vanished; recreating it",
+                        extra={"stream": spec.keys.stream, "group": spec.group})
+            await self._recreate_group()
+            self._history = None
+            return None
+        except TransportError as exc:  # ConnectionLost, LOADING, OOM...: wait and retry
+            self._read_failures += 1
+            log.warning("read failed (%s); retrying", exc, extra={"stream": spec.keys.stream})
+            await anyio.sleep(min(5.0, 0.05 * 2 ** self._read_failures))
+            return None
+        self._read_failures = 0
+        # Not reserved before the read: a reservation held through a blocking read would
+        # starve retries and the claimer. Claims landing meanwhile may overfill by one batch.
+        slots.take(len(entries))
+        if history is not None:
+            self._history = last  # None once our pending list is read through
+        return (entries, counts) if entries else None
 
     async def _drop_deleted(self, entries: list[Entry]) -> list[Entry]:
         """Ack pending entries whose stream entry is gone (XDEL): nothing is left to handle."""
@@ -239,6 +255,11 @@ class GroupConsumer:
 
     async def accept(self, entries: list[Entry], counts: dict[bytes, int] | None) -> None:
         """Hand entries to the workers; one reserved slot per entry is consumed."""
+        if await self._admit(entries, counts):
+            self._wake_worker()
+
+    async def _admit(self, entries: list[Entry], counts: dict[bytes, int] | None) -> int:
+        """Queue entries for the workers (without waking one); returns how many."""
         now = now_ms()
         batch: list[Delivery] = []
         for entry in entries:
@@ -260,14 +281,13 @@ class GroupConsumer:
                 log.warning("dedup check failed (%s); leaving %d entries pending", exc,
                             len(batch), extra={"stream": self.spec.keys.stream})
                 self._slots.release(len(batch))
-                return
+                return 0
         inflight = self._inflight
         for delivery in batch:
             inflight[delivery.entry.id] = delivery
         self._queue.extend(batch)
-        if batch:
-            self._wake_worker()
         self.stats.delivered += len(batch)
+        return len(batch)
 
     async def _skip_duplicates(self, batch: list[Delivery], now: int) -> list[Delivery]:
         known = [d for d in batch if d.envelope is not None]
@@ -306,21 +326,34 @@ class GroupConsumer:
             self._waking = True
             self._idle_workers.popleft().set()
 
+    def _wake_reader(self) -> None:
+        if not self._reading and not self._stopping:
+            self._wake_worker()
+
     async def _work(self) -> None:
-        queue, idle = self._queue, self._idle_workers
+        queue, idle, most = self._queue, self._idle_workers, self._config.concurrency
         while True:
-            while queue:
+            if queue and self._handling < most:
                 delivery = queue.popleft()
                 if queue:
                     self._wake_worker()
+                elif not self._reading:
+                    # The handler may wait: then another worker reads meanwhile. One that does
+                    # not is done before the next pass, and this worker reads (no wake-up).
+                    self._want_reader()
+                self._handling += 1
                 try:
                     await self._process(delivery)
                 finally:
+                    self._handling -= 1
                     self._slots.release()
-            wake = anyio.Event()
-            idle.append(wake)
-            await wake.wait()
-            self._waking = False
+            elif not self._reading and not self._stopping:
+                await self._read_turn()
+            else:
+                wake = anyio.Event()
+                idle.append(wake)
+                await wake.wait()
+                self._waking = False
 
     async def _process(self, delivery: Delivery) -> None:
         if delivery.envelope is None:

@@ -51,6 +51,39 @@ async def test_every_message_is_handled_and_acked(transport: RedisTransport, key
     assert (await transport.groups(inbox.stream))[0].pending == 0
 
 
+async def test_handlers_that_wait_run_concurrency_at_once_and_no_more(
+        transport: RedisTransport, keys: Keys) -> None:
+    # Workers take turns to read: while some wait in handlers another keeps reading, and the
+    # spare worker kept for reading never runs a handler beyond the limit.
+    inbox = keys.inbox("a")
+    config = msgspec.structs.replace(FAST, concurrency=4)
+    running, most, handled = 0, 0, 0
+    others_running: dict[int, int] = {}  # payload -> handlers running when it started
+
+    async def handler(d: Delivery) -> None:
+        nonlocal running, most, handled
+        others_running[codec.decode_payload(d.envelope.payload)] = running  # type: ignore[union-attr]
+        running += 1
+        most = max(most, running)
+        await anyio.sleep(0.1)
+        running -= 1
+        handled += 1
+
+    consumer = GroupConsumer(transport, StreamSpec(inbox, "a", "c1"), handler, config)
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        for i in range(12):  # one by one: each read finds a lone entry
+            await send(transport, inbox.stream, [i])
+            await anyio.sleep(0.01)
+        await send(transport, inbox.stream, list(range(12, 24)))  # and then a batch
+        with anyio.fail_after(15):
+            while handled < 24 or consumer.in_flight:
+                await anyio.sleep(0.01)
+        consumer.stop()
+    assert others_running[1] == 1  # read and started while the first one waited
+    assert most == 4
+
+
 async def test_failures_are_retried_then_dead_lettered_with_metadata(
         transport: RedisTransport, keys: Keys) -> None:
     inbox = keys.inbox("a")
