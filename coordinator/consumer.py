@@ -156,13 +156,13 @@ class GroupConsumer:
         await self._transport.ensure_group(self.spec.keys.stream, self.spec.group)
 
     # -- reading ----------------------------------------------------------------------------
-    async def _read_turn(self) -> None:
-        """Read once, as the one worker whose turn it is, and queue what came."""
+    async def _read_turn(self, scope: anyio.CancelScope) -> None:
+        """Read once, as the one worker whose turn it is, and queue what came. :meth:`stop`
+        cancels ``scope``, the worker's, while the read is under way."""
         self._reading = True
-        read = None
+        self._read_scope = scope
         try:
-            with anyio.CancelScope() as self._read_scope:
-                read = await self._read()
+            read = await self._read()
         finally:
             self._reading = False
             self._read_scope = None
@@ -333,27 +333,38 @@ class GroupConsumer:
     async def _work(self) -> None:
         queue, idle, most = self._queue, self._idle_workers, self._config.concurrency
         while True:
+            # One cancel scope per stretch of work, not per read (~5 us each): stop() cancels
+            # it only while this worker waits on a read, never while it runs a handler.
+            with anyio.CancelScope() as scope:
+                while True:
+                    if queue and self._handling < most:
+                        await self._handle_next()
+                    elif not self._reading and not self._stopping:
+                        await self._read_turn(scope)
+                    else:
+                        break
             if queue and self._handling < most:
-                delivery = queue.popleft()
-                if queue:
-                    self._wake_worker()
-                elif not self._reading:
-                    # The handler may wait: then another worker reads meanwhile. One that does
-                    # not is done before the next pass, and this worker reads (no wake-up).
-                    self._want_reader()
-                self._handling += 1
-                try:
-                    await self._process(delivery)
-                finally:
-                    self._handling -= 1
-                    self._slots.release()
-            elif not self._reading and not self._stopping:
-                await self._read_turn()
-            else:
-                wake = anyio.Event()
-                idle.append(wake)
-                await wake.wait()
-                self._waking = False
+                continue  # its read was cancelled by stop(): what is queued still runs
+            wake = anyio.Event()
+            idle.append(wake)
+            await wake.wait()
+            self._waking = False
+
+    async def _handle_next(self) -> None:
+        queue = self._queue
+        delivery = queue.popleft()
+        if queue:
+            self._wake_worker()
+        elif not self._reading:
+            # The handler may wait: then another worker reads meanwhile. One that does not is
+            # done before the next pass, and this worker reads (no wake-up).
+            self._want_reader()
+        self._handling += 1
+        try:
+            await self._process(delivery)
+        finally:
+            self._handling -= 1
+            self._slots.release()
 
     async def _process(self, delivery: Delivery) -> None:
         if delivery.envelope is None:
