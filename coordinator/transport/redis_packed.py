@@ -13,7 +13,6 @@ Acks and appends waiting when a blocking read goes out ride along with it, in th
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import hashlib
@@ -28,6 +27,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from . import scripts
 from ..errors import TransportError
+from .deadlines import Deadlines
 from .protocol import AckWrite, Entry, Piggyback, PiggybackSource
 from .redis_errors import mapped_error, mapped_errors
 
@@ -45,7 +45,7 @@ class Connections:
     every idle one (they most likely died together, as in a Redis restart); one idle for over
     a second is checked before use, as redis-py's pool checks every time.
 
-    The socket timeout is enforced here, one timer per command: redis-py's costs a task per
+    The socket timeout is enforced here (:class:`Deadlines`): redis-py's costs a task per
     write (``asyncio.wait_for``) plus a timer per read, and delays each write by a loop pass.
 
     :param pool: whose connection settings (address, password, timeouts, protocol) to use
@@ -57,6 +57,7 @@ class Connections:
     def __init__(self, pool: aioredis.ConnectionPool, limit: int) -> None:
         settings = dict(pool.connection_kwargs)
         self._timeout_s: float | None = settings.pop("socket_timeout", None)
+        self._deadlines = Deadlines(self._timeout_s) if self._timeout_s else None
         self._make = cast(Callable[[], AbstractConnection], functools.partial(
             pool.connection_class, **settings, socket_timeout=None))
         self._limit = limit
@@ -123,13 +124,24 @@ class Connections:
         for conn in conns:
             await conn.disconnect()
 
-    def deadline(self, wait_s: float = 0.0
-                 ) -> contextlib.AbstractAsyncContextManager[asyncio.Timeout | None]:
-        """The time limit of one exchange; ``wait_s``: how long the server may hold the reply
-        on purpose (a blocking read)."""
-        if self._timeout_s is None:
-            return contextlib.nullcontext()
-        return asyncio.timeout(self._timeout_s + wait_s)
+    def _watch(self, conn: AbstractConnection, held_s: float = 0.0) -> None:
+        """Start the time limit of an exchange on ``conn``; ``held_s``: how long the server
+        may hold the reply on purpose (a blocking read)."""
+        if self._deadlines is not None:
+            self._deadlines.start(conn, held_s)
+
+    def _done(self, conn: AbstractConnection) -> None:
+        """The exchange on ``conn`` is over: stop its time limit and take ``conn`` back."""
+        if self._deadlines is not None:
+            self._deadlines.end(conn)
+        self.give(conn)
+
+    def _failure(self, conn: AbstractConnection, exc: BaseException) -> BaseException:
+        """Stop the time limit of the exchange ``exc`` broke off: a ``TimeoutError`` when the
+        limit cancelled it."""
+        if self._deadlines is None:
+            return exc
+        return self._deadlines.failure(conn, exc) or exc
 
     async def drop_after(self, conn: AbstractConnection, exc: BaseException) -> NoReturn:
         """Drop ``conn`` after a failed exchange (replies may be left unread on it) and raise
@@ -154,13 +166,13 @@ class Connections:
         """
         with mapped_errors():
             conn = await self.take()
+            self._watch(conn)
             try:
-                async with self.deadline():
-                    await conn.send_packed_command(packed, check_health=False)
-                    replies = await _read(conn, count)
+                await conn.send_packed_command(packed, check_health=False)
+                replies = await _read(conn, count)
             except BaseException as exc:
-                await self.drop_after(conn, exc)
-            self.give(conn)
+                await self.drop_after(conn, self._failure(conn, exc))
+            self._done(conn)
         return replies
 
     def piggyback(self, source: PiggybackSource) -> Callable[[], None]:
@@ -192,23 +204,21 @@ class Connections:
             except BaseException as exc:
                 _tell(riders, _failure_of(exc, self._timeout_s))  # nothing of theirs was sent
                 raise
+            self._watch(conn, wait_s)
             try:
-                async with self.deadline() as limit:
-                    await conn.send_packed_command([*map(_packed, riders), packed],
-                                                   check_health=False)
-                    for ride in riders:
-                        reply = await _read_one(conn)
-                        told += 1
-                        ride.done(mapped_error(reply) if isinstance(reply, rex.ResponseError)
-                                  else None)
-                    # The read may be held wait_s on purpose: one timer, moved, costs less.
-                    if limit is not None and (when := limit.when()) is not None:
-                        limit.reschedule(when + wait_s)
+                await conn.send_packed_command([*map(_packed, riders), packed],
+                                               check_health=False)
+                for ride in riders:
                     reply = await _read_one(conn)
+                    told += 1
+                    ride.done(mapped_error(reply) if isinstance(reply, rex.ResponseError)
+                              else None)
+                reply = await _read_one(conn)
             except BaseException as exc:
+                exc = self._failure(conn, exc)
                 _tell(riders[told:], _failure_of(exc, self._timeout_s))
                 await self.drop_after(conn, exc)
-            self.give(conn)
+            self._done(conn)
         return _unless_error(reply)
 
 
