@@ -74,6 +74,7 @@ class GroupConsumer:
         self._history: bytes | None = b"0-0"  # first re-read our own pending entries
         self._read_failures = 0
         self._want_reader = NextPass(self._wake_reader)
+        self._read_next = False  # the next worker woken reads before taking queued entries
         self._tg: anyio.abc.TaskGroup | None = None
         self._claimer = Claimer(transport, spec, config, self, alive, self.stats)
 
@@ -328,6 +329,7 @@ class GroupConsumer:
 
     def _wake_reader(self) -> None:
         if not self._reading and not self._stopping:
+            self._read_next = True
             self._wake_worker()
 
     async def _work(self) -> None:
@@ -337,7 +339,12 @@ class GroupConsumer:
             # it only while this worker waits on a read, never while it runs a handler.
             with anyio.CancelScope() as scope:
                 while True:
-                    if queue and self._handling < most:
+                    if self._read_next and not self._reading and not self._stopping:
+                        self._read_next = False
+                        if queue:
+                            self._wake_worker()  # the queued entries, meanwhile
+                        await self._read_turn(scope)
+                    elif queue and self._handling < most:
                         await self._handle_next()
                     elif not self._reading and not self._stopping:
                         await self._read_turn(scope)
@@ -355,7 +362,7 @@ class GroupConsumer:
         delivery = queue.popleft()
         if queue:
             self._wake_worker()
-        elif not self._reading:
+        if not self._reading:
             # The handler may wait: then another worker reads meanwhile. One that does not is
             # done before the next pass, and this worker reads (no wake-up).
             self._want_reader()
