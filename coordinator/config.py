@@ -213,10 +213,12 @@ class RedisConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         check_redis_url("redis.url", self.url)
-        _require("redis.socket_timeout_s", self.socket_timeout_s > 0, "a positive number",
-                 self.socket_timeout_s)
-        _require("redis.max_connections", self.max_connections >= 4, "an integer >= 4",
-                 self.max_connections)
+        timeout = self.socket_timeout_s
+        _require("redis.socket_timeout_s", type(timeout) in (int, float) and timeout > 0,
+                 "a positive number", timeout)
+        _require("redis.max_connections",
+                 type(self.max_connections) is int and self.max_connections >= 4,
+                 "an integer >= 4", self.max_connections)
         try:
             check_name("key prefix", self.prefix)
         except ConfigError as exc:

@@ -373,3 +373,11 @@ def test_block_below_the_socket_timeout() -> None:
 def test_defaults_and_seed_stay_valid() -> None:
     CoordinatorConfig()
     load_config(SEED, environ={})
+
+
+@pytest.mark.parametrize(("field", "value"), [("socket_timeout_s", None), ("socket_timeout_s", 0),
+                                              ("socket_timeout_s", "10"),
+                                              ("max_connections", None), ("max_connections", 2.5)])
+def test_redis_settings_of_the_wrong_kind_are_refused_by_name(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=rf"^redis.{field}: expected"):
+        RedisConfig(**{field: value})  # type: ignore[arg-type]
