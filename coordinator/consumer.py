@@ -339,14 +339,14 @@ class GroupConsumer:
             # it only while this worker waits on a read, never while it runs a handler.
             with anyio.CancelScope() as scope:
                 while True:
-                    if self._read_next and not self._reading and not self._stopping:
-                        self._read_next = False
-                        if queue:
-                            self._wake_worker()  # the queued entries, meanwhile
-                        await self._read_turn(scope)
-                    elif queue and self._handling < most:
+                    may_read = not self._reading and not self._stopping
+                    if queue and self._handling < most and not (may_read and self._read_next):
                         await self._handle_next()
-                    elif not self._reading and not self._stopping:
+                    elif may_read:
+                        if self._read_next:  # woken to read: another takes the queue meanwhile
+                            self._read_next = False
+                            if queue:
+                                self._wake_worker()
                         await self._read_turn(scope)
                     else:
                         break
