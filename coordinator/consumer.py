@@ -19,6 +19,7 @@ from . import codec, policy
 from .claimer import Claimer
 from .config import DeliveryConfig
 from .deadletter import REASON_FAILED, REASON_POISON, REASON_REJECTED, record_fields
+from .dedup import split_duplicates
 from .delivery import ConsumerStats, Delivery, EntryHandler, StreamSpec, log_ids
 from .envelope import Envelope
 from .errors import CodecError, GroupMissing, TransportError
@@ -291,31 +292,13 @@ class GroupConsumer:
         return len(batch)
 
     async def _skip_duplicates(self, batch: list[Delivery], now: int) -> list[Delivery]:
-        known = [d for d in batch if d.envelope is not None]
-        seen = await self._transport.dedup_seen(self.spec.keys.dedup,
-                                                [d.envelope.id for d in known  # type: ignore[union-attr]
-                                                 ], now)
-        # Copies arriving together (one read, or while the first copy still runs) are not in
-        # the window yet: only the first runs. No await from here until they are in flight.
-        running = {d.envelope.id for d in self._inflight.values() if d.envelope is not None}
-        duplicates = set()
-        for delivery, was in zip(known, seen):
-            message_id = delivery.envelope.id  # type: ignore[union-attr]
-            if was or message_id in running:
-                duplicates.add(id(delivery))
-            else:
-                running.add(message_id)
-        if not duplicates:
-            return batch
-        kept = []
-        for delivery in batch:
-            if id(delivery) in duplicates:
-                self.stats.duplicates += 1
-                self._inflight[delivery.entry.id] = delivery
-                self._ledger.queue_ack(delivery)
-                self._slots.release()
-            else:
-                kept.append(delivery)
+        kept, duplicates = await split_duplicates(self._transport, self.spec.keys.dedup, batch,
+                                                  self._inflight.values(), now)
+        for delivery in duplicates:  # acked unhandled
+            self.stats.duplicates += 1
+            self._inflight[delivery.entry.id] = delivery
+            self._ledger.queue_ack(delivery)
+            self._slots.release()
         return kept
 
     # -- handling ---------------------------------------------------------------------------
