@@ -34,6 +34,7 @@ class ClaimSink(Protocol):
     def unreserve(self, n: int) -> None: ...
     def holds(self, entry_id: bytes) -> bool: ...
     async def accept(self, entries: list[Entry], counts: dict[bytes, int] | None) -> None: ...
+    async def wait_for_room(self) -> None: ...
 
 
 class Claimer:
@@ -51,6 +52,9 @@ class Claimer:
         self._alive = alive
         self._cursor = b"0-0"
         self._scope = anyio.CancelScope()
+        # Dead nodes are looked for every quarter heartbeat TTL (at most every claim interval).
+        self._dead_every_ms = max(50, min(config.claim_interval_ms,
+                                          config.heartbeat_ttl_ms // 4))
         self.reclaimed = 0
 
     def stop(self) -> None:
@@ -60,13 +64,11 @@ class Claimer:
     async def run(self) -> None:
         """Look for dead nodes every quarter heartbeat TTL (at most every claim interval), so
         their work is taken within about TTL + TTL/4; run the idle backstop every interval."""
-        config = self._config
-        dead_every_ms = max(50, min(config.claim_interval_ms, config.heartbeat_ttl_ms // 4))
-        idle_every = max(1, config.claim_interval_ms // dead_every_ms)
+        idle_every = max(1, self._config.claim_interval_ms // self._dead_every_ms)
         rounds = 0
         with self._scope:
             while True:
-                await anyio.sleep(dead_every_ms / 1000)
+                await anyio.sleep(self._dead_every_ms / 1000)
                 rounds += 1
                 try:
                     await self.reclaim_dead()
@@ -104,10 +106,33 @@ class Claimer:
         return taken
 
     async def _take_from(self, dead: str) -> int:
+        """Take over a dead consumer's pending entries, then remove it from the group.
+
+        A batch at a time, the next one as soon as the sink has room again rather than a
+        round later: a dead node may hold thousands. When the sink stays full for a round
+        (slow handlers), the next round goes on.
+        """
+        taken, more = 0, True
+        while more:
+            n, more = await self._take_batch(dead)
+            taken += n
+            if more:
+                with anyio.move_on_after(self._dead_every_ms / 1000) as waited:
+                    await self._sink.wait_for_room()
+                if waited.cancelled_caught:
+                    break
+        if taken:
+            log.warning("took over %d entries of dead node %s", taken, dead,
+                        extra={"stream": self._spec.keys.stream, "dead_node": dead})
+        return taken
+
+    async def _take_batch(self, dead: str) -> tuple[int, bool]:
+        """Claim one batch of ``dead``'s entries; returns how many, and whether it has more
+        (when not, it is removed from the group)."""
         spec = self._spec
         n = self._sink.reserve(CLAIM_BATCH, priority=True)
         if not n:
-            return 0
+            return 0, True
         try:
             pending = await self._transport.pending(spec.keys.stream, spec.group, n, dead)
             # min idle guards against two live peers claiming the same entry twice: after the
@@ -122,15 +147,14 @@ class Claimer:
         counts = {p.id: p.deliveries + 1 for p in pending}
         await self._sink.accept(entries, counts)
         self._count(len(entries))
-        if entries:
-            log.warning("took over %d entries of dead node %s", len(entries), dead,
-                        extra={"stream": spec.keys.stream, "dead_node": dead})
+        if len(pending) == n and entries:
+            return len(entries), True
         if len(pending) < n:
             try:
                 await self._transport.delete_idle_consumer(spec.keys.stream, spec.group, dead)
             except TransportError as exc:
                 log.debug("could not remove consumer %s: %s", dead, exc)
-        return len(entries)
+        return len(entries), False
 
     async def claim_idle(self) -> int:
         """One XAUTOCLAIM round past the idle threshold, continuing from the kept cursor."""

@@ -255,6 +255,10 @@ class GroupConsumer:
         """Whether this consumer already works on ``entry_id``."""
         return entry_id in self._inflight
 
+    async def wait_for_room(self) -> None:
+        """Return once a read's worth of slots is free (the claimer's next batch fits)."""
+        await self._slots.wait_free(self._read_batch_min)
+
     async def accept(self, entries: list[Entry], counts: dict[bytes, int] | None) -> None:
         """Hand entries to the workers; one reserved slot per entry is consumed."""
         if await self._admit(entries, counts):

@@ -5,7 +5,7 @@ binary to cover the 6.2 reply shape, where deleted entries come back as nil)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import anyio
 import pytest
@@ -55,10 +55,12 @@ async def pending_for(transport: RedisTransport, stream: str, group: str,
 
 
 class Sink:
-    """A claim sink with a fixed number of free slots that records what it is given."""
+    """A claim sink with a fixed number of free slots that records what it is given;
+    ``roomy=False``: its handlers never finish (no room for a next batch)."""
 
-    def __init__(self, free: int) -> None:
+    def __init__(self, free: int, roomy: bool = True) -> None:
         self.free = free
+        self.roomy = roomy
         self.accepted: list[Entry] = []
 
     def reserve(self, wanted: int, priority: bool = False) -> int:
@@ -72,6 +74,46 @@ class Sink:
 
     async def accept(self, entries: list[Entry], counts: dict[bytes, int] | None) -> None:
         self.accepted += entries
+
+    async def wait_for_room(self) -> None:
+        if not self.roomy:
+            await anyio.sleep_forever()
+
+
+async def nobody_alive(names: Sequence[str]) -> list[bool]:
+    return [False] * len(names)
+
+
+DEAD_CONFIG = DeliveryConfig(concurrency=8, claim_idle_ms=30_000, heartbeat_ttl_ms=1_000,
+                             claim_interval_ms=200, block_ms=50)
+
+
+async def test_a_dead_consumers_entries_are_taken_batch_after_batch_in_one_round(
+        transport: RedisTransport, keys: Keys) -> None:
+    """A dead node may hold far more than one batch: the next batch is taken as soon as there
+    is room, not a round later, and the consumer is removed once drained."""
+    inbox = keys.inbox("a")
+    ids = await pending_for(transport, inbox.stream, "a", "ghost", 50)
+    await idle_past(transport, inbox.stream, "a", DEAD_CONFIG.heartbeat_ttl_ms // 2)
+    sink = Sink(free=8)
+    claimer = Claimer(transport, StreamSpec(inbox, "a", "c1"), DEAD_CONFIG, sink, nobody_alive)
+    assert await claimer.reclaim_dead() == 50
+    assert [e.id for e in sink.accepted] == ids
+    assert "ghost" not in {c.name for c in await transport.consumers(inbox.stream, "a")}
+
+
+async def test_a_full_sink_takes_one_batch_of_a_dead_consumer_per_round(
+        transport: RedisTransport, keys: Keys) -> None:
+    inbox = keys.inbox("a")
+    ids = await pending_for(transport, inbox.stream, "a", "ghost", 20)
+    await idle_past(transport, inbox.stream, "a", DEAD_CONFIG.heartbeat_ttl_ms // 2)
+    sink = Sink(free=8, roomy=False)
+    claimer = Claimer(transport, StreamSpec(inbox, "a", "c1"), DEAD_CONFIG, sink, nobody_alive)
+    with anyio.fail_after(5):  # gives up waiting for room after one round (200 ms)
+        assert await claimer.reclaim_dead() == 8
+    assert [e.id for e in sink.accepted] == ids[:8]
+    ghost = {c.name: c.pending for c in await transport.consumers(inbox.stream, "a")}["ghost"]
+    assert ghost == 12
 
 
 async def test_idle_claim_resumes_from_its_cursor_and_acks_deleted_entries(
