@@ -3,6 +3,7 @@ durable groups; the publisher never stalls handlers. On a real redis-server and 
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -14,6 +15,7 @@ from coordinator import AgentEvent, AgentEventType, Reject, codec
 from coordinator.agent import Context, Message
 from coordinator.config import CoordinatorConfig, DeliveryConfig
 from coordinator.coordinator import MultiAgentCoordinator
+from coordinator.envelope import EventBatch, PackedEvent
 from coordinator.events import EventPublisher, after_id, make_event
 from coordinator.producer import make_envelope
 from coordinator.transport import MemoryTransport
@@ -413,11 +415,41 @@ async def test_an_event_msgpack_cannot_carry_is_dropped_alone(node: Factory) -> 
         assert publisher.publish_nowait(good)
         assert not publisher.publish_nowait(make_event(STARTED, "a", "n1", None,
                                                        {"bad": object()}))
-        # Data that turns bad after it was queued fails at write time, still alone.
-        late: dict[str, Any] = {"i": 1}
-        assert publisher.publish_about(STARTED, "a", "n1", make_envelope("a", None), late, 1)
-        late["bad"] = object()
+        assert not publisher.publish_about(STARTED, "a", "n1", make_envelope("a", None),
+                                           {"bad": object()}, 1)
+        # Data is encoded when published: what the caller changes afterwards is not sent.
+        later: dict[str, Any] = {"i": 1}
+        assert publisher.publish_about(STARTED, "a", "n1", make_envelope("a", None), later, 2)
+        later["bad"] = object()
         await publisher._write(coordinator.transport, list(publisher._buffer))
         read = [e async for e in coordinator.events(since="0", follow=False)]
-    assert [e.id for e in read] == [good.id] and publisher.dropped == 2
-    assert publisher.published == 1
+    assert [e.data for e in read] == [{"i": 0}, {"i": 1}] and read[0].id == good.id
+    assert publisher.dropped == 2 and publisher.published == 2
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 500, 65_536])
+def test_a_batch_of_encoded_events_is_the_batch_msgspec_would_write(size: int) -> None:
+    fields = [(STARTED.value, "a", "n1", None, f"m{i}", i, None, {"i": i}, "")
+              for i in range(size)]
+    joined = codec.encode_event_batch("b1", [codec.encode_packed_event(f) for f in fields])
+    whole = codec.encode_event(EventBatch(id="b1", events=[PackedEvent(*f) for f in fields]))
+    assert joined == whole
+    decoded = codec.decode_event({codec.FIELD: joined})
+    assert isinstance(decoded, EventBatch) and len(decoded.events) == size
+
+
+async def test_queued_events_do_not_wake_the_garbage_collector() -> None:
+    """A busy node holds thousands of events until their batch is written: as Python objects
+    they made young collections run ~20 times as often."""
+    publisher = EventPublisher("events")
+    about = make_envelope("a", None)
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        for i in range(1_000):
+            publisher.publish_about(STARTED, "a", "n1", about, {"deliveries": 1}, i)
+        grown = gc.get_count()[0] - before
+    finally:
+        gc.enable()
+    assert publisher.buffered == 1_000 and grown < 100
