@@ -34,6 +34,8 @@ from .redis_errors import mapped_error, mapped_errors
 
 #: Entries this large are appended with an XADD each rather than by the APPEND script.
 LARGE_ENTRY_BYTES = 2048
+#: How long a cancelled blocking read still waits for its riders' replies.
+RIDERS_GRACE_S = 0.5
 
 
 class Connections:
@@ -205,17 +207,19 @@ class Connections:
                 _tell(riders, _failure_of(exc, self._timeout_s))  # nothing of theirs was sent
                 raise
             self._watch(conn, wait_s)
+            sent = False
             try:
                 await conn.send_packed_command([*map(_packed, riders), packed],
                                                check_health=False)
+                sent = True
                 for ride in riders:
-                    reply = await _read_one(conn)
+                    await _hear(conn, ride)
                     told += 1
-                    ride.done(mapped_error(reply) if isinstance(reply, rex.ResponseError)
-                              else None)
                 reply = await _read_one(conn)
             except BaseException as exc:
                 exc = self._failure(conn, exc)
+                if sent and isinstance(exc, anyio.get_cancelled_exc_class()):
+                    told += await _hear_out(conn, riders[told:])
                 _tell(riders[told:], _failure_of(exc, self._timeout_s))
                 await self.drop_after(conn, exc)
             self._done(conn)
@@ -234,6 +238,25 @@ def _packed(ride: Piggyback) -> bytes:
     if isinstance(write, AckWrite):
         return _pack(["XACK", write.stream, write.group, *write.ids])
     return _pack(["XADD", write.stream, "*", "e", write.data])
+
+
+async def _hear(conn: AbstractConnection, ride: Piggyback) -> None:
+    """Read the reply to ``ride``'s write and tell it the outcome."""
+    reply = await _read_one(conn)
+    ride.done(mapped_error(reply) if isinstance(reply, rex.ResponseError) else None)
+
+
+async def _hear_out(conn: AbstractConnection, riders: list[Piggyback]) -> int:
+    """After a blocking read was cancelled (a consumer stopping): read its riders' replies,
+    which come at once, ahead of the read's. Told that it failed, a rider whose write was done
+    would write again (its lifecycle events twice). Returns how many were told."""
+    heard = 0
+    with anyio.CancelScope(shield=True), anyio.move_on_after(RIDERS_GRACE_S):
+        with contextlib.suppress(rex.RedisError, OSError):
+            for ride in riders:
+                await _hear(conn, ride)
+                heard += 1
+    return heard
 
 
 def _tell(riders: list[Piggyback], failure: TransportError) -> None:
@@ -260,9 +283,10 @@ async def _read(conn: AbstractConnection, count: int) -> list[Any]:
 
 
 async def _read_one(conn: AbstractConnection) -> Any:
-    """The next reply; an error reply as its ``ResponseError``."""
+    """The next reply; an error reply as its ``ResponseError``. A failed read leaves ``conn``
+    connected: its exchange drops it, after reading what it still can (:func:`_hear_out`)."""
     try:
-        return await conn.read_response()
+        return await conn.read_response(disconnect_on_error=False)
     except rex.ResponseError as exc:  # read in full: the connection is fine
         return exc
 

@@ -3,6 +3,7 @@ writes piggybacked on blocking reads."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -188,6 +189,28 @@ async def test_piggybacked_writes_go_ahead_of_a_blocking_read(real_server: objec
         stops[2]()
         sources[2].writes.append(AppendWrite("conns:ride", b"not polled"))
         assert await read_group(connections, "conns:ride", "g", "c", 10, 10, b">") == []
+
+
+async def test_riders_of_a_cancelled_read_learn_that_their_writes_landed(
+        real_server: object) -> None:
+    """A consumer stopping cancels its blocking read, maybe before the riders' replies were
+    read: told "failed", a rider whose write was done would write it again."""
+    url = real_server.url  # type: ignore[attr-defined]
+    async with _own_connections(url, 1) as (client, connections):
+        await client.delete("conns:quiet", "conns:rode")
+        await client.xgroup_create("conns:quiet", "g", id="0", mkstream=True)
+        assert await read_group(connections, "conns:quiet", "g", "c", 10, None, b">") == []
+        source = _Source(AppendWrite("conns:rode", b"x"))
+        with anyio.CancelScope() as scope:
+            def poll() -> Piggyback | None:
+                # Cancelled in the next pass of the loop: while the replies are awaited.
+                asyncio.get_running_loop().call_soon(scope.cancel)
+                return source()
+
+            connections.piggyback(poll)
+            await read_group(connections, "conns:quiet", "g", "c", 10, 5000, b">")
+        assert scope.cancelled_caught
+        assert source.outcomes == [None] and await client.xlen("conns:rode") == 1
 
 
 async def test_riders_of_a_failed_read_are_told_it_failed(real_server: object) -> None:
