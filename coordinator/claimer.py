@@ -149,6 +149,7 @@ class Claimer:
         self._count(len(entries))
         if len(pending) == n and entries:
             return len(entries), True
+        # Fewer pending than asked for: drained. None claimed: a peer took them meanwhile.
         if len(pending) < n:
             try:
                 await self._transport.delete_idle_consumer(spec.keys.stream, spec.group, dead)

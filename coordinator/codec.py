@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from types import UnionType
 from collections.abc import Sequence
+from types import UnionType
 from typing import Any, TypeVar
 
 import msgspec

@@ -143,7 +143,7 @@ class EventPublisher(BufferedPublisher[bytes]):
         return self.publish_nowait(event)
 
     async def _write(self, transport: StreamTransport, batch: list[bytes]) -> None:
-        data = codec.encode_event_batch(new_message_id(), batch)
+        data = _entry(batch)
         for attempt in range(3):
             try:
                 with anyio.fail_after(self._timeout_s):
@@ -160,8 +160,12 @@ class EventPublisher(BufferedPublisher[bytes]):
     _rides = True
 
     def _ride(self, batch: list[bytes]) -> tuple[AppendWrite, int] | None:
-        return AppendWrite(self.stream, codec.encode_event_batch(new_message_id(), batch)), \
-            len(batch)
+        return AppendWrite(self.stream, _entry(batch)), len(batch)
+
+
+def _entry(batch: list[bytes]) -> bytes:
+    """The stream entry data of a batch of events queued encoded."""
+    return codec.encode_event_batch(new_message_id(), batch)
 
 
 def after_id(since: str | int | None) -> bytes | None:
