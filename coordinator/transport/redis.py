@@ -17,15 +17,14 @@ from ..errors import ConnectionLost, GroupMissing, TransportError
 from . import scripts
 from .batching import AppendBatcher
 from .protocol import ClaimBatch, ConsumerInfo, Entry, GroupInfo, PendingEntry, PiggybackSource
-from .redis_packed import Connections, PackedAppender, ack, read_group
+from .redis_packed import Connections, PackedAppender, PackedScript, ack, read_group
+from .redis_packed import delete as packed_delete, read as packed_read
 from .redis_errors import error_code, mapped_errors
 
 # Replies as redis-py parses them (RESP2); redis-py leaves most of them untyped or typed as a
 # union of every shape, so each is cast once, where it is read.
 #: One stream entry: ``(id, fields)``.
 _Row: TypeAlias = "tuple[bytes, dict[bytes, bytes] | None]"
-#: XREAD/XREADGROUP: ``[(stream, rows)]`` for the one stream read.
-_StreamsReply: TypeAlias = "list[tuple[bytes, list[_Row]]]"
 #: One row of XCLAIM/XAUTOCLAIM: ``(None, None)`` for an entry deleted while pending.
 _ClaimedRow: TypeAlias = "tuple[bytes | None, dict[bytes, bytes] | None]"
 #: XAUTOCLAIM: ``(next cursor, rows, deleted ids)``; Redis 6.2 sends no third element.
@@ -78,10 +77,11 @@ class RedisTransport:
         self._delete_consumer = client.register_script(scripts.DELETE_IDLE_CONSUMER)
         self._claim_owned = client.register_script(scripts.CLAIM_OWNED)
         self._release_owned = client.register_script(scripts.RELEASE_OWNED)
-        self._add_expiring = client.register_script(scripts.ADD_EXPIRING)
         self._count_after = client.register_script(scripts.COUNT_AFTER)
         pool = client.connection_pool
         self._connections = Connections(pool, pool.max_connections)
+        # Once per reply: packed, not through redis-py's command layer.
+        self._add_expiring = PackedScript(client, self._connections, scripts.ADD_EXPIRING)
         self._appender = PackedAppender(client, self._connections)
         self._appends = AppendBatcher(self._appender.append)
 
@@ -143,9 +143,7 @@ class RedisTransport:
 
     async def add_expiring(self, stream: str, data: bytes, ttl_ms: int) -> bytes:
         """XADD and PEXPIRE in one script call (one key, so cluster-safe)."""
-        with mapped_errors():
-            entry_id: bytes = await self._add_expiring(keys=[stream], args=[data, ttl_ms])
-        return entry_id
+        return cast(bytes, await self._add_expiring([stream], [data, ttl_ms]))
 
     async def ensure_group(self, stream: str, group: str) -> None:
         try:
@@ -337,19 +335,13 @@ class RedisTransport:
 
     async def read(self, stream: str, after: bytes, count: int,
                    block_ms: int | None) -> list[Entry]:
-        with mapped_errors():
-            reply = cast("_StreamsReply | None",
-                         await self.client.xread({stream: after}, count=count, block=block_ms))
-        if not reply:
-            return []
-        return _entries(reply[0][1])
+        # Packed, as group reads: the reply router reads this way for every batch of replies.
+        return await packed_read(self._connections, stream, after, count, block_ms)
 
     async def delete_entries(self, stream: str, ids: Sequence[bytes]) -> int:
         if not ids:
             return 0
-        with mapped_errors():
-            deleted: int = await self.client.xdel(stream, *ids)
-        return deleted
+        return await packed_delete(self._connections, stream, ids)
 
     async def move_back(self, dead_letters: str, stream: str, entry_id: bytes,
                         data: bytes) -> bytes:

@@ -13,6 +13,7 @@ from coordinator import codec
 from coordinator.agent import Message
 from coordinator.config import CoordinatorConfig, DeliveryConfig
 from coordinator.coordinator import MultiAgentCoordinator
+from coordinator.errors import TransportError
 from coordinator.keys import Keys
 from coordinator.producer import make_envelope
 from coordinator.replies import REPLY_STREAM_TTL_MS, ReplyRouter
@@ -50,6 +51,19 @@ async def test_add_expiring_sets_the_time_to_live(transport: RedisTransport,
     assert await transport.expire(stream, 5_000)
     assert 0 < await transport.client.pttl(stream) <= 5_000
     assert not await transport.expire(keys.replies("nobody"), 5_000)
+
+
+async def test_add_expiring_loads_its_script_again_after_a_flush(transport: RedisTransport,
+                                                                  keys: Keys) -> None:
+    stream = keys.replies("n1")
+    await transport.add_expiring(stream, b"one", 60_000)
+    await transport.client.script_flush()  # as after a restart of the server
+    await transport.add_expiring(stream, b"two", 60_000)
+    assert await transport.length(stream) == 2
+    await transport.client.set(keys.replies("n2"), "not a stream")
+    with pytest.raises(TransportError, match="WRONGTYPE"):
+        await transport.add_expiring(keys.replies("n2"), b"x", 60_000)
+    assert await transport.client.pttl(keys.replies("n2")) == -1  # the script stopped at XADD
 
 
 async def test_add_expiring_in_memory_expires() -> None:
