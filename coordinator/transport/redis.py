@@ -6,6 +6,7 @@ Redis exceptions are mapped once, at this boundary, by :func:`redis_errors.mappe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias, TypedDict, cast
 
@@ -71,17 +72,18 @@ class RedisTransport:
     def __init__(self, client: aioredis.Redis, version: tuple[int, int, int] = (7, 0, 0)) -> None:
         self.client = client
         self.version = version
-        self._renew = client.register_script(scripts.RENEW_LEASES)
-        self._ack = client.register_script(scripts.ACK)
-        self._dead = client.register_script(scripts.DEAD_LETTER)
-        self._delete_consumer = client.register_script(scripts.DELETE_IDLE_CONSUMER)
-        self._claim_owned = client.register_script(scripts.CLAIM_OWNED)
-        self._release_owned = client.register_script(scripts.RELEASE_OWNED)
-        self._count_after = client.register_script(scripts.COUNT_AFTER)
         pool = client.connection_pool
         self._connections = Connections(pool, pool.max_connections)
-        # Once per reply: packed, not through redis-py's command layer.
-        self._add_expiring = PackedScript(client, self._connections, scripts.ADD_EXPIRING)
+        # Scripts are called packed: redis-py's command layer doubles a call's CPU.
+        script = functools.partial(PackedScript, client, self._connections)
+        self._renew = script(scripts.RENEW_LEASES)
+        self._ack = script(scripts.ACK)
+        self._dead = script(scripts.DEAD_LETTER)
+        self._delete_consumer = script(scripts.DELETE_IDLE_CONSUMER)
+        self._claim_owned = script(scripts.CLAIM_OWNED)
+        self._release_owned = script(scripts.RELEASE_OWNED)
+        self._count_after = script(scripts.COUNT_AFTER)
+        self._add_expiring = script(scripts.ADD_EXPIRING)
         self._appender = PackedAppender(client, self._connections)
         self._appends = AppendBatcher(self._appender.append)
 
@@ -172,22 +174,18 @@ class RedisTransport:
         args: list[Any] = [group, consumer, "1" if check_owner else "0", now_ms, window_ms]
         for entry_id, message_id in pairs:
             args += (entry_id, message_id)
-        with mapped_errors():
-            return list(await self._ack(keys=[stream, dedup], args=args))
+        return list(await self._ack([stream, dedup], args))
 
     async def renew(self, stream: str, group: str, consumer: str,
                     ids: Sequence[bytes]) -> list[bytes]:
-        with mapped_errors():
-            return list(await self._renew(keys=[stream], args=[group, consumer, *ids]))
+        return list(await self._renew([stream], [group, consumer, *ids]))
 
     async def dead_letter(self, stream: str, dead_letters: str, group: str, consumer: str,
                           entry_id: bytes, fields: Mapping[str, bytes | str]) -> bytes | None:
         args: list[Any] = [group, consumer, entry_id]
         for name, value in fields.items():
             args += (name, value)
-        with mapped_errors():
-            result = await self._dead(keys=[stream, dead_letters], args=args)
-        return result or None
+        return await self._dead([stream, dead_letters], args) or None
 
     async def claim_idle(self, stream: str, group: str, consumer: str, min_idle_ms: int,
                          cursor: bytes, count: int) -> ClaimBatch:
@@ -251,18 +249,16 @@ class RedisTransport:
                           ids: Sequence[bytes]) -> list[Entry]:
         if not ids:
             return []
-        with mapped_errors():
-            rows = cast("list[tuple[bytes, list[bytes]]]", await self._claim_owned(
-                keys=[stream], args=[group, consumer, *ids]))
+        rows = cast("list[tuple[bytes, list[bytes]]]",
+                    await self._claim_owned([stream], [group, consumer, *ids]))
         return [Entry(i, dict(zip(flat[::2], flat[1::2]))) for i, flat in rows]
 
     async def release(self, stream: str, group: str, consumer: str, ids: Sequence[bytes],
                       idle_ms: int) -> None:
         if not ids:
             return
-        with mapped_errors():
-            # Keep ownership but back-date the delivery so any peer may take them at once.
-            await self._release_owned(keys=[stream], args=[group, consumer, idle_ms, *ids])
+        # Keep ownership but back-date the delivery so any peer may take them at once.
+        await self._release_owned([stream], [group, consumer, idle_ms, *ids])
 
     async def pending(self, stream: str, group: str, count: int, consumer: str | None = None,
                       start: bytes = b"-", end: bytes = b"+") -> list[PendingEntry]:
@@ -296,16 +292,13 @@ class RedisTransport:
         for r in rows:
             lag = r.get("lag")
             if lag is None:  # not reported (Redis 6.2): count, up to a cap
-                with mapped_errors():
-                    lag = await self._count_after(keys=[stream], args=[
-                        r["last-delivered-id"], LAG_COUNT_CAP])
+                lag = await self._count_after([stream], [r["last-delivered-id"], LAG_COUNT_CAP])
             groups.append(GroupInfo(_text(r["name"]), int(r["consumers"]), int(r["pending"]),
                                     r["last-delivered-id"], int(lag)))
         return groups
 
     async def delete_idle_consumer(self, stream: str, group: str, consumer: str) -> bool:
-        with mapped_errors():
-            return bool(await self._delete_consumer(keys=[stream], args=[group, consumer]))
+        return bool(await self._delete_consumer([stream], [group, consumer]))
 
     async def trim_min_id(self, stream: str, min_id: bytes) -> int:
         with mapped_errors():
