@@ -18,7 +18,8 @@ from ..errors import ConnectionLost, GroupMissing, TransportError
 from . import scripts
 from .batching import AppendBatcher
 from .protocol import ClaimBatch, ConsumerInfo, Entry, GroupInfo, PendingEntry, PiggybackSource
-from .redis_packed import Connections, PackedAppender, PackedScript, ack, read_group
+from .packed_scripts import PackedAppender, PackedScript
+from .redis_packed import Connections, ack, read_group
 from .redis_packed import delete as packed_delete, read as packed_read
 from .redis_errors import error_code, mapped_errors
 

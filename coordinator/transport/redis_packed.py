@@ -1,11 +1,9 @@
-"""The hot commands sent without redis-py's command layer or pool: batched stream appends (one
-EVALSHA of the APPEND script per stream, or an XADD per large entry), group reads (XREADGROUP)
-and acks (XACK).
+"""The hot commands sent without redis-py's command layer or pool: the connections they go
+over, and stream reads (XREADGROUP, XREAD), acks (XACK) and deletes (XDEL). Scripted writes
+(appends, every Lua script) are packed in :mod:`.packed_scripts`.
 
-For these fixed command shapes, packing the commands here rather than through redis-py's
-pipeline, and appending a whole batch per script call, costs the client ~1 us per entry
-instead of ~11 us for one XADD each through a pipeline; a read skips redis-py's retry, parse
-and callback layers, which cost a blocking read tens of microseconds of latency.
+For these fixed command shapes, a read packed here skips redis-py's retry, parse and callback
+layers, which cost a blocking read tens of microseconds of latency.
 
 Acks and appends waiting when a blocking read goes out ride along with it, in the same write
 (:meth:`Connections.call_blocking`).
@@ -15,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, cast
@@ -25,15 +22,12 @@ import redis.asyncio as aioredis
 import redis.exceptions as rex
 from redis.asyncio.connection import AbstractConnection
 
-from . import scripts
 from ..errors import TransportError
 from .deadlines import Deadlines
 from .protocol import AckWrite, Entry, Piggyback, PiggybackSource
 from .redis_errors import mapped_error, mapped_errors
 
 
-#: Entries this large are appended with an XADD each rather than by the APPEND script.
-LARGE_ENTRY_BYTES = 2048
 #: How long a cancelled blocking read still waits for its riders' replies.
 RIDERS_GRACE_S = 0.5
 
@@ -158,7 +152,7 @@ class Connections:
 
         :raises TransportError: mapped from the Redis error (NOGROUP, connection lost...)
         """
-        return _unless_error((await self.exchange(packed))[0])
+        return unless_error((await self.exchange(packed))[0])
 
     async def exchange(self, packed: bytes, count: int = 1) -> list[Any]:
         """Send ``count`` commands packed together; their replies in order, an error reply
@@ -223,10 +217,10 @@ class Connections:
                 _tell(riders[told:], _failure_of(exc, self._timeout_s))
                 await self.drop_after(conn, exc)
             self._done(conn)
-        return _unless_error(reply)
+        return unless_error(reply)
 
 
-def _unless_error(reply: Any) -> Any:
+def unless_error(reply: Any) -> Any:
     """``reply``, or its error raised as the coordinator's exception."""
     if isinstance(reply, rex.ResponseError):
         raise mapped_error(reply)
@@ -236,8 +230,8 @@ def _unless_error(reply: Any) -> Any:
 def _packed(ride: Piggyback) -> bytes:
     write = ride.write
     if isinstance(write, AckWrite):
-        return _pack(["XACK", write.stream, write.group, *write.ids])
-    return _pack(["XADD", write.stream, "*", "e", write.data])
+        return pack_command(["XACK", write.stream, write.group, *write.ids])
+    return pack_command(["XADD", write.stream, "*", "e", write.data])
 
 
 async def _hear(conn: AbstractConnection, ride: Piggyback) -> None:
@@ -319,9 +313,9 @@ async def _read_stream(connections: Connections, args: list[bytes | str | int], 
         args += ["BLOCK", block_ms]
     args += ["STREAMS", stream, after]
     if block_ms is None:
-        reply = await connections.call(_pack(args))
+        reply = await connections.call(pack_command(args))
     else:
-        reply = await connections.call_blocking(_pack(args), block_ms / 1000)
+        reply = await connections.call_blocking(pack_command(args), block_ms / 1000)
     if not reply:
         return []
     # RESP3 (redis-py's default from 8.0) sends a map stream -> rows, RESP2 [[stream, rows]].
@@ -336,7 +330,7 @@ async def delete(connections: Connections, stream: str, ids: Sequence[bytes]) ->
 
     :raises TransportError: mapped from the Redis error
     """
-    return cast(int, await connections.call(_pack(["XDEL", stream, *ids])))
+    return cast(int, await connections.call(pack_command(["XDEL", stream, *ids])))
 
 
 async def ack(connections: Connections, stream: str, group: str, ids: Sequence[bytes]) -> int:
@@ -345,15 +339,10 @@ async def ack(connections: Connections, stream: str, group: str, ids: Sequence[b
 
     :raises TransportError: mapped from the Redis error
     """
-    return cast(int, await connections.call(_pack(["XACK", stream, group, *ids])))
+    return cast(int, await connections.call(pack_command(["XACK", stream, group, *ids])))
 
 
-def _large(items: Sequence[tuple[str, bytes]], indexes: list[int]) -> bool:
-    """Whether a stream's entries are large enough, on average, to append one XADD each."""
-    return sum(len(items[i][1]) for i in indexes) >= LARGE_ENTRY_BYTES * len(indexes)
-
-
-def _pack(args: Sequence[bytes | str | int]) -> bytes:
+def pack_command(args: Sequence[bytes | str | int]) -> bytes:
     """One command in the Redis protocol (RESP), arguments as bulk strings."""
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
@@ -368,111 +357,3 @@ def _fields(raw: list[bytes] | None) -> dict[bytes, bytes] | None:
     if len(raw) == 2:  # the usual one field
         return {raw[0]: raw[1]}
     return dict(zip(raw[::2], raw[1::2]))
-
-
-class PackedScript:
-    """A Lua script called by a hand-packed EVALSHA over :class:`Connections`, loaded again
-    when the server lost it (restart, SCRIPT FLUSH).
-
-    redis-py's script call goes through its command layer, pool and retry wrapper: one after
-    another, a call cost 120-129 us of CPU that way against 61-69 us here, round trip
-    included. It was most of an answering node's time when every message is a request.
-    """
-
-    def __init__(self, client: aioredis.Redis, connections: Connections, source: str) -> None:
-        self._client = client
-        self._connections = connections
-        self._source = source
-        self._sha = hashlib.sha1(source.encode()).hexdigest()
-
-    async def __call__(self, keys: Sequence[str], args: Sequence[bytes | str | int]) -> Any:
-        """The script's reply.
-
-        :raises TransportError: mapped from the Redis error (a script error included)
-        """
-        packed = _pack(["EVALSHA", self._sha, len(keys), *keys, *args])
-        reply = (await self._connections.exchange(packed))[0]
-        if isinstance(reply, rex.NoScriptError):
-            with mapped_errors():
-                await self._client.script_load(self._source)
-            reply = (await self._connections.exchange(packed))[0]
-        return _unless_error(reply)
-
-
-class PackedAppender:
-    """Appends ``(stream, data)`` items over one connection per batch.
-
-    :param client: loads the script when the server lost it
-    """
-
-    def __init__(self, client: aioredis.Redis, connections: Connections) -> None:
-        self.client = client
-        self._connections = connections
-        self._sha = hashlib.sha1(scripts.APPEND.encode()).hexdigest().encode()
-
-    async def append(self, items: Sequence[tuple[str, bytes]]
-                             ) -> list[bytes | BaseException]:
-        """Append each ``(stream, data)``, all in one write; per item its id or its error.
-
-        Items are grouped by stream into one EVALSHA of the APPEND script each (one key per
-        command, so cluster-safe; a plain XADD for a lone item), packed here rather than
-        through redis-py's pipeline: the client then pays ~1 us per entry instead of ~11 us
-        for an XADD through a pipeline.
-        A script error (wrong type, OOM) fails every item of that stream's group.
-        """
-        if not items:
-            return []
-        groups: dict[str, list[int]] = {}
-        for index, (stream, _) in enumerate(items):
-            groups.setdefault(stream, []).append(index)
-        replies: list[bytes | BaseException] = [b""] * len(items)
-        missing = await self._groups(items, groups, replies)
-        if missing:  # the server lost its script cache (restart, SCRIPT FLUSH): load, redo
-            with mapped_errors():
-                await self.client.script_load(scripts.APPEND)
-            await self._groups(items, {s: groups[s] for s in missing}, replies)
-        return replies
-
-    async def _groups(self, items: Sequence[tuple[str, bytes]],
-                             groups: dict[str, list[int]],
-                             replies: list[bytes | BaseException]) -> list[str]:
-        """Run one APPEND per group; fills ``replies``; returns groups that hit NOSCRIPT."""
-        parts: list[bytes] = []
-        sha = self._sha
-        one_each = {stream for stream, indexes in groups.items()
-                    if len(indexes) == 1 or _large(items, indexes)}
-        for stream, indexes in groups.items():
-            key = stream.encode()
-            if stream in one_each:
-                # A lone entry: a plain XADD spares Redis the script call. Large entries: the
-                # script costs Redis more (8 KB: ~12 us an entry, copying them into Lua and
-                # back) than reading a reply each costs us.
-                for index in indexes:
-                    parts.append(_pack(["XADD", key, "*", "e", items[index][1]]))
-                continue
-            parts += (b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n1\r\n$%d\r\n"
-                      % (len(indexes) + 4, sha, len(key)), key, b"\r\n")
-            for index in indexes:
-                data = items[index][1]
-                parts += (b"$%d\r\n" % len(data), data, b"\r\n")
-        count = sum(len(groups[stream]) if stream in one_each else 1 for stream in groups)
-        replies_in_order = iter(await self._connections.exchange(b"".join(parts), count))
-        missing: list[str] = []
-        for stream, indexes in groups.items():
-            if stream in one_each:  # a reply per entry
-                for index in indexes:
-                    reply = next(replies_in_order)
-                    replies[index] = (mapped_error(reply) if isinstance(reply, rex.ResponseError)
-                                      else reply)
-                continue
-            reply = next(replies_in_order)
-            if isinstance(reply, rex.NoScriptError):
-                missing.append(stream)
-            elif isinstance(reply, rex.ResponseError):  # this group failed
-                error = mapped_error(reply)
-                for index in indexes:
-                    replies[index] = error
-            else:
-                for index, entry_id in zip(indexes, reply):
-                    replies[index] = entry_id
-        return missing

@@ -14,12 +14,8 @@ import redis.asyncio as aioredis
 from coordinator.config import RedisConfig
 from coordinator.errors import ConnectionLost, GroupMissing, TransportError
 from coordinator.transport import AckWrite, AppendWrite, Piggyback, RedisTransport
-from coordinator.transport.redis_packed import (
-    LARGE_ENTRY_BYTES,
-    Connections,
-    PackedAppender,
-    read_group,
-)
+from coordinator.transport.packed_scripts import LARGE_ENTRY_BYTES, PackedAppender
+from coordinator.transport.redis_packed import Connections, read_group
 
 pytestmark = pytest.mark.anyio
 
