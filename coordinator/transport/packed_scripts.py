@@ -36,20 +36,28 @@ class PackedScript:
         self._client = client
         self._connections = connections
         self._source = source
-        self._sha = hashlib.sha1(source.encode()).hexdigest()
+        #: What EVALSHA names the script by.
+        self.sha = hashlib.sha1(source.encode()).hexdigest().encode()
 
     async def __call__(self, keys: Sequence[str], args: Sequence[bytes | str | int]) -> Any:
         """The script's reply.
 
         :raises TransportError: mapped from the Redis error (a script error included)
         """
-        packed = pack_command(["EVALSHA", self._sha, len(keys), *keys, *args])
+        packed = pack_command(["EVALSHA", self.sha, len(keys), *keys, *args])
         reply = (await self._connections.exchange(packed))[0]
         if isinstance(reply, rex.NoScriptError):
-            with mapped_errors():
-                await self._client.script_load(self._source)
+            await self.load()
             reply = (await self._connections.exchange(packed))[0]
         return unless_error(reply)
+
+    async def load(self) -> None:
+        """Load the script into the server's cache (after a NOSCRIPT reply).
+
+        :raises TransportError: mapped from the Redis error
+        """
+        with mapped_errors():
+            await self._client.script_load(self._source)
 
 
 class PackedAppender:
@@ -59,9 +67,9 @@ class PackedAppender:
     """
 
     def __init__(self, client: aioredis.Redis, connections: Connections) -> None:
-        self.client = client
         self._connections = connections
-        self._sha = hashlib.sha1(scripts.APPEND.encode()).hexdigest().encode()
+        # Called here several times in one write, not through the script's own call.
+        self._script = PackedScript(client, connections, scripts.APPEND)
 
     async def append(self, items: Sequence[tuple[str, bytes]]
                              ) -> list[bytes | BaseException]:
@@ -81,8 +89,7 @@ class PackedAppender:
         replies: list[bytes | BaseException] = [b""] * len(items)
         missing = await self._groups(items, groups, replies)
         if missing:  # the server lost its script cache (restart, SCRIPT FLUSH): load, redo
-            with mapped_errors():
-                await self.client.script_load(scripts.APPEND)
+            await self._script.load()
             await self._groups(items, {s: groups[s] for s in missing}, replies)
         return replies
 
@@ -91,7 +98,7 @@ class PackedAppender:
                              replies: list[bytes | BaseException]) -> list[str]:
         """Run one APPEND per group; fills ``replies``; returns groups that hit NOSCRIPT."""
         parts: list[bytes] = []
-        sha = self._sha
+        sha = self._script.sha
         one_each = {stream for stream, indexes in groups.items()
                     if len(indexes) == 1 or _large(items, indexes)}
         for stream, indexes in groups.items():

@@ -20,7 +20,8 @@ from .batching import AppendBatcher
 from .protocol import ClaimBatch, ConsumerInfo, Entry, GroupInfo, PendingEntry, PiggybackSource
 from .packed_scripts import PackedAppender, PackedScript
 from .redis_packed import Connections, ack, read_group
-from .redis_packed import delete as packed_delete, read as packed_read
+from .redis_packed import delete as packed_delete
+from .redis_packed import read as packed_read
 from .redis_errors import error_code, mapped_errors
 
 # Replies as redis-py parses them (RESP2); redis-py leaves most of them untyped or typed as a

@@ -151,6 +151,17 @@ async def test_appends_of_large_and_small_entries_report_each_outcome(
         assert await client.xlen("conns:small") == 3
 
 
+async def test_appends_load_their_script_again_after_a_flush(real_server: object) -> None:
+    url = real_server.url  # type: ignore[attr-defined]
+    async with _own_connections(url, 2) as (client, connections):
+        appender = PackedAppender(client, connections)
+        await client.delete("conns:flushed")
+        await client.script_flush()  # as after a restart of the server
+        outcomes = await appender.append([("conns:flushed", b"a"), ("conns:flushed", b"b")])
+        assert all(isinstance(o, bytes) for o in outcomes)
+        assert [f[b"e"] for _, f in await client.xrange("conns:flushed")] == [b"a", b"b"]
+
+
 class _Source:
     """A piggyback source handing out its writes once, noting each outcome."""
 
