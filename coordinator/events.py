@@ -119,18 +119,29 @@ class EventPublisher(BufferedPublisher[bytes]):
         after its batch. False when dropped, as :meth:`publish_nowait`. Never raises."""
         if not self.enabled:
             return False
-        return self._offer_packed((type, agent_id, node_id, about.session_id, about.id,
-                                   created_ms, about.traceparent, data, ""))
+        # _offer_packed inlined: this runs twice per message.
+        try:
+            packed = codec.encode_packed_event((type, agent_id, node_id, about.session_id,
+                                                about.id, created_ms, about.traceparent, data,
+                                                ""))
+        except codec.ENCODE_ERRORS as exc:
+            return self._drop(type, exc)
+        return self._offer(packed)
 
     def _offer_packed(self, fields: tuple[Any, ...]) -> bool:
         """Queue the event whose :class:`PackedEvent` fields are ``fields``, in order."""
         try:
             packed = codec.encode_packed_event(fields)
-        except CodecError as exc:  # dropped alone here, not with its whole batch later
-            log.warning("event %s dropped: %s", fields[0], exc)
-            self.dropped += 1
-            return False
+        except codec.ENCODE_ERRORS as exc:
+            return self._drop(fields[0], exc)
         return self._offer(packed)
+
+    def _drop(self, type: str, error: Exception) -> bool:
+        """Count an event that cannot be encoded (dropped alone here, not with its whole
+        batch when written); returns False."""
+        log.warning("event %s dropped: cannot be encoded: %s", type, error)
+        self.dropped += 1
+        return False
 
     async def wait_for_space(self) -> None:
         """With ``block=True``: return once an event would be queued; else at once."""

@@ -62,11 +62,15 @@ class BufferedPublisher(ABC, Generic[Item]):
 
     def _offer(self, item: Item) -> bool:
         """Queue one item; False (and counted as dropped) when full or closed."""
-        if self._closed or len(self._buffer) >= self._capacity:
+        buffer = self._buffer
+        if self._closed or len(buffer) >= self._capacity:
             self.dropped += 1
             return False
-        self._buffer.append(item)
-        self._wake_soon()
+        buffer.append(item)
+        if len(buffer) == 1:
+            # Only when it was empty: a wake-up is due already, or the writer is busy and
+            # looks at the buffer again before it waits.
+            self._wake_soon()
         return True
 
     def _wake(self) -> None:

@@ -84,8 +84,11 @@ class AgentServer:
             if publisher.block:
                 await publisher.wait_for_space()
             started_ms = now_ms()
-            publisher.publish_about(_STARTED, self._agent_id, self._node_id, envelope,
-                                    self._data(deliveries=delivery.deliveries), started_ms)
+            data: dict[str, object] = {"deliveries": delivery.deliveries}
+            if self._topic:
+                data["topic"] = self._topic
+            publisher.publish_about(_STARTED, self._agent_id, self._node_id, envelope, data,
+                                    started_ms)
         try:
             message = registration.decode(delivery)
             context = Context(self._coordinator, registration.agent_id, message, delivery)
@@ -107,10 +110,12 @@ class AgentServer:
             if publisher.block:
                 await publisher.wait_for_space()
             ended_ms = now_ms()
-            publisher.publish_about(_COMPLETED, self._agent_id, self._node_id, envelope,
-                                    self._data(duration_ms=ended_ms - started_ms,
-                                               reply_bytes=reply_bytes,
-                                               deliveries=delivery.deliveries), ended_ms)
+            data = {"duration_ms": ended_ms - started_ms, "reply_bytes": reply_bytes,
+                    "deliveries": delivery.deliveries}
+            if self._topic:
+                data["topic"] = self._topic
+            publisher.publish_about(_COMPLETED, self._agent_id, self._node_id, envelope, data,
+                                    ended_ms)
 
     def _data(self, **data: object) -> dict[str, object]:
         """Event data, with the topic for a subscription."""

@@ -86,6 +86,20 @@ async def test_success_emits_started_then_completed(node: Factory) -> None:
     assert completed.data["reply_bytes"] > 0 and completed.data["duration_ms"] >= 0
 
 
+async def test_a_subscribers_events_name_the_topic(node: Factory) -> None:
+    async with node("n1") as coordinator:
+        async def on_news(message: Message) -> None:
+            return None
+
+        coordinator.subscribe("news", on_news, agent_id="reader")
+        await anyio.sleep(0.2)  # the subscription's group exists before the broadcast
+        await coordinator.broadcast("news", {"headline": "x"})
+        events = await collect(coordinator, lambda es: any(e.type == COMPLETED for e in es))
+    started, completed = events
+    assert started.agent_id == "reader" and started.data == {"deliveries": 1, "topic": "news"}
+    assert completed.data["topic"] == "news" and completed.data["deliveries"] == 1
+
+
 async def test_failure_then_retry_then_success(node: Factory) -> None:
     async with node("n1") as coordinator:
         async def flaky(message: Message) -> None:
