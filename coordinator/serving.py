@@ -37,6 +37,7 @@ class AgentServer:
         self._registration = registration
         self._max_deliveries = max_deliveries
         self._publisher = coordinator.event_publisher
+        self._telemetry = coordinator.telemetry
         self._agent_id = registration.agent_id
         self._node_id = coordinator.node_id
         self._topic = registration.topic
@@ -47,13 +48,13 @@ class AgentServer:
 
     def __call__(self, delivery: Delivery) -> Awaitable[None]:
         # A plain call returning the coroutine to await: one frame less per message.
-        if not self._coordinator.telemetry.active:  # no SDK installed: nothing to trace
+        if not self._telemetry.active:  # no SDK installed: nothing to trace
             return self._handle(delivery)
         return self._traced(delivery)
 
     async def _traced(self, delivery: Delivery) -> None:
         registration = self._registration
-        with self._coordinator.telemetry.process(delivery, registration.agent_id,
+        with self._telemetry.process(delivery, registration.agent_id,
                                                  registration.topic) as processing:
             try:
                 await self._handle(delivery)

@@ -15,6 +15,7 @@ the OpenTelemetry messaging semantic conventions.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -120,6 +121,10 @@ class Telemetry:
         self._attempts: OrderedDict[str, object] = OrderedDict()
         self._last_parent: tuple[str, tuple[object, bool | None]] = ("", (None, None))
         self.enabled = HAVE_OTEL
+        # What `active` answers, and until when (monotonic s) without a look at the global
+        # providers: for good with the answer fixed (no API; a provider given).
+        self._active = HAVE_OTEL and (tracer_provider is not None or self._explicit_meter)
+        self._active_until = math.inf if self._active or not HAVE_OTEL else -math.inf
         if not HAVE_OTEL:
             return
         self._explicit_tracer = tracer_provider is not None
@@ -158,14 +163,13 @@ class Telemetry:
     @property
     def active(self) -> bool:
         """Whether anything would record spans or metrics. With only the API's default
-        (no-op) providers, per-message telemetry is skipped entirely; checked per call, so a
-        provider installed after the coordinator was built still takes effect."""
-        if not HAVE_OTEL:
-            return False
-        if self._explicit_tracer or self._explicit_meter:
-            return True
-        self._check_providers()
-        return self._tracing or self._metering
+        (no-op) providers, per-message telemetry is skipped entirely. The global providers
+        are looked up at most once a second, so one installed after the coordinator was built
+        takes effect within a second."""
+        # Asked once per handled message: one clock read while the answer is fresh.
+        if time.monotonic() >= self._active_until:
+            self._check_providers()
+        return self._active
 
     @property
     def tracing(self) -> bool:
@@ -187,10 +191,12 @@ class Telemetry:
         now = time.monotonic()
         if now >= self._active_checked_at + 1.0:  # the provider lookups cost ~2 us: cache 1 s
             self._active_checked_at = now
-            self._tracing = (
+            self._tracing = self._explicit_tracer or (
                 type(otel_trace.get_tracer_provider()).__name__ not in _NO_OP_PROVIDERS)
             self._metering = self._explicit_meter or (
                 type(otel_metrics.get_meter_provider()).__name__ not in _NO_OP_PROVIDERS)
+            self._active = self._tracing or self._metering
+            self._active_until = now + 1.0
 
     def watch(self, source: Watched) -> None:
         """Read consumer counters (and ``heartbeats``, ``event_publisher.dropped`` when the

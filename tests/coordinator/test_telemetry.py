@@ -623,3 +623,22 @@ def test_histograms_take_every_message_at_low_rates_and_a_sample_at_high_ones() 
     picked = sum(fast.take() for _ in range(200_000))  # millions a second
     elapsed = clock.monotonic() - started
     assert 0 < picked <= 1_000 * (elapsed + 0.2) + 200  # about the budget, never all
+
+
+def test_active_follows_a_provider_installed_later_within_a_second(
+        otel: Otel, monkeypatch: pytest.MonkeyPatch) -> None:
+    from coordinator import telemetry as telemetry_module
+    from coordinator.telemetry import Telemetry
+
+    clock = [1000.0]
+    monkeypatch.setattr(telemetry_module.time, "monotonic", lambda: clock[0])
+    quiet = Telemetry(node_id="n")
+    assert not quiet.active and not quiet.tracing
+    monkeypatch.setattr(telemetry_module.otel_trace, "get_tracer_provider",
+                        lambda: otel.tracer_provider)  # as trace.set_tracer_provider would
+    clock[0] += 0.5
+    assert not quiet.active  # the global providers are looked up once a second at most
+    clock[0] += 0.6
+    assert quiet.active and quiet.tracing
+    assert Telemetry(otel.tracer_provider, node_id="n").active
+    assert Telemetry(meter_provider=otel.meter_provider, node_id="n").active
