@@ -55,7 +55,7 @@ class AgentServer:
     async def _traced(self, delivery: Delivery) -> None:
         registration = self._registration
         with self._telemetry.process(delivery, registration.agent_id,
-                                                 registration.topic) as processing:
+                                     registration.topic) as processing:
             try:
                 await self._handle(delivery)
             except Exception as exc:
@@ -85,6 +85,7 @@ class AgentServer:
             if publisher.block:
                 await publisher.wait_for_space()
             started_ms = now_ms()
+            # Data built in place here and below, not by _data(**kwargs): once per message.
             data: dict[str, object] = {"deliveries": delivery.deliveries}
             if self._topic:
                 data["topic"] = self._topic
