@@ -170,8 +170,8 @@ class EventPublisher(BufferedPublisher[bytes]):
 
     _rides = True
 
-    def _ride(self, batch: list[bytes]) -> tuple[AppendWrite, int] | None:
-        return AppendWrite(self.stream, _entry(batch)), len(batch)
+    def _ride(self, batch: list[bytes]) -> AppendWrite:
+        return AppendWrite(self.stream, _entry(batch))
 
 
 def _entry(batch: list[bytes]) -> bytes:

@@ -126,10 +126,7 @@ class BufferedPublisher(ABC, Generic[Item]):
         if not self._buffer or self._writing or self._riding:
             return None
         batch = self._take_batch()
-        ride = self._ride(batch)
-        if ride is None:  # nothing left to write (see _ride)
-            return None
-        write, count = ride
+        write, count = self._ride(batch), len(batch)
         self._riding = True
 
         def done(error: BaseException | None) -> None:
@@ -150,11 +147,10 @@ class BufferedPublisher(ABC, Generic[Item]):
     #: Whether batches may ride along with reads (:meth:`_ride` says how).
     _rides = False
 
-    def _ride(self, batch: list[Item]) -> tuple[AppendWrite, int] | None:
-        """``batch`` as one append to send with a read, and how many items it counts; None
-        when none of them can be written (dropped, and counted, by the subclass). Only
-        called when :attr:`_rides` is set."""
-        return None
+    def _ride(self, batch: list[Item]) -> AppendWrite:
+        """``batch`` as one append to send with a read (only called when :attr:`_rides` is
+        set; items that cannot be written are refused when offered, not here)."""
+        raise NotImplementedError
 
     @abstractmethod
     async def _write(self, transport: StreamTransport, batch: list[Item]) -> None:

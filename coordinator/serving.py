@@ -10,7 +10,7 @@ from . import codec, policy
 from .agent import Context, Registration
 from .deadletter import REDRIVE_HEADER
 from .delivery import Delivery
-from .envelope import Envelope, Reply
+from .envelope import Reply
 from .errors import CodecError, TransportError
 from .events import EVENTS_TOPIC, AgentEventType
 from .registry import now_ms
